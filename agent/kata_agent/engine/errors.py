@@ -39,5 +39,5 @@ class StateError(EngineError):
     """The operation does not fit the container's current state."""
 
 
-class SystemError_(EngineError):
+class HostError(EngineError):
     """A system call failed for a reason that is not the caller's fault."""
