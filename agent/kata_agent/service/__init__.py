@@ -1,0 +1,1 @@
+"""RPC implementations, one module per group of grpc.AgentService / grpc.Health methods."""
