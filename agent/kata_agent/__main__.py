@@ -1,0 +1,136 @@
+"""`kata-agent`: the guest agent's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+
+from kata_agent import __version__, config
+from kata_agent.config import AgentConfig, ConfigError
+
+log = logging.getLogger("kata_agent")
+
+DEFAULT_RUNTIME_DIR = "/run/kata-agent"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="kata-agent",
+        description="Kata Containers guest agent (1.x gRPC protocol). Options on the kernel "
+        "command line (agent.log, agent.use_vsock, ...) apply unless a flag overrides them.",
+    )
+    p.add_argument(
+        "--channel",
+        help="serial[:DEVICE] (default: the port named agent.channel.0), vsock[:PORT] "
+        "(default 1024), unix-serial:PATH (each connection is a serial line with yamux), "
+        "unix:PATH (plain gRPC)",
+    )
+    p.add_argument("--log-level", choices=sorted(config.LOG_LEVELS), help="overrides agent.log")
+    p.add_argument("--cmdline", default="/proc/cmdline", help="kernel command line file to read")
+    p.add_argument(
+        "--runtime-dir",
+        default=DEFAULT_RUNTIME_DIR,
+        help="private directory for the agent's own sockets (created 0700)",
+    )
+    p.add_argument("--version", action="version", version=f"kata-agent {__version__}")
+    return p.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> AgentConfig:
+    cfg = config.from_cmdline(config.read_cmdline(args.cmdline))
+    overrides: list[tuple[str, object]] = [
+        ("channel", config.parse_channel(args.channel) if args.channel else None),
+        ("log_level", config.LOG_LEVELS[args.log_level] if args.log_level else None),
+    ]
+    return config.with_overrides(cfg, overrides)
+
+
+def setup_logging(level: int) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def private_backend(runtime_dir: str) -> str:
+    """A path for the gRPC backend socket that containers cannot reach.
+
+    Containers share the guest's network namespace in Kata, so an abstract socket would be
+    reachable from them; a socket in a 0700 directory of the agent's mount namespace is not.
+    """
+    os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+    os.chmod(runtime_dir, 0o700)
+    private = tempfile.mkdtemp(prefix="grpc-", dir=runtime_dir)
+    return os.path.join(private, "agent.sock")
+
+
+def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
+    # Imported here so that `--help` and config errors stay fast.
+    from kata_agent import channel, debug_console, server
+    from kata_agent.service.health import HealthService
+
+    services: list[object] = [HealthService()]
+    grpc_server = server.build_server(services)
+    if cfg.channel.kind == "unix":
+        address = f"unix:{cfg.channel.path}"
+        backend = ""
+    else:
+        backend = private_backend(runtime_dir)
+        address = f"unix:{backend}"
+    if grpc_server.add_insecure_port(address) == 0:
+        log.error("cannot listen address=%s", address)
+        return 1
+    grpc_server.start()
+    listener = channel.make_listener(cfg.channel, backend)
+    if listener is not None:
+        listener.start()
+    consoles = debug_console.start(cfg)
+    log.info("agent ready version=%s channel=%s pid=%d", __version__, cfg.channel, os.getpid())
+    stop.wait()
+    log.info("agent stopping")
+    for console in consoles:
+        console.stop()
+    if listener is not None:
+        listener.stop()
+    grpc_server.stop(grace=1.0).wait()
+    if backend:
+        # grpcio may have removed its socket already; the directory must go either way.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(backend)
+        os.rmdir(os.path.dirname(backend))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args)
+    except ConfigError as err:
+        print(f"kata-agent: {err}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal received signal=%s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return serve(cfg, args.runtime_dir, stop)
+    except Exception:
+        log.exception("agent failed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

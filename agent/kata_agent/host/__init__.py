@@ -1,0 +1,1 @@
+"""Host side: agent client, proxy, control CLI and the QEMU launcher."""
