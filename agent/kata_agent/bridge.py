@@ -78,6 +78,7 @@ class _Splice:
         "fd",
         "local_eof",
         "out",
+        "preface_seen",
         "reading",
         "remote_fin",
         "sid",
@@ -92,6 +93,7 @@ class _Splice:
         self.connected = connected  # False while the backend connect is being retried
         self.fd = sock.fileno() if sock is not None else -1
         self.out = bytearray()  # peer data not yet written into the local socket
+        self.preface_seen = 0  # bytes of the expected preface checked so far
         self.local_eof = False  # local side reached EOF, FIN sent
         self.remote_fin = False  # peer sent FIN
         self.wr_shut = False
@@ -144,6 +146,7 @@ class YamuxBridge:
         self._ping_interval = ping_interval
         self._out_limit = transport_out_limit
         self._backend: str | None = None
+        self._preface = b""
         self._listeners: list[socket.socket] = []
         self._splices: dict[int, _Splice] = {}
         self._waiting_opens: deque[socket.socket] = deque()
@@ -175,11 +178,12 @@ class YamuxBridge:
 
     # ---- configuration and control (any thread unless noted) ----
 
-    def serve_streams_to(self, backend_path: str) -> None:
-        """Splice every stream the peer opens to a new connection to `backend_path`."""
-        if self._started:
-            raise RuntimeError("serve_streams_to must be called before run()")
+    def serve_streams_to(self, backend_path: str, *, preface: bytes = b"") -> None:
+        """Server role: splice every stream the peer opens to a new connection to
+        `backend_path`. With `preface`, a stream whose first bytes differ from it is reset
+        and logged before anything reaches the backend (e.g. the HTTP/2 client preface)."""
         self._backend = backend_path
+        self._preface = preface
 
     def add_listener(self, listener: socket.socket) -> None:
         """Every connection accepted on `listener` becomes a new stream (before run())."""
@@ -387,7 +391,7 @@ class YamuxBridge:
     def _dispatch(self, ev: yamux.Event) -> None:
         if isinstance(ev, yamux.DataReceived):
             sp = self._splices.get(ev.stream_id)
-            if sp is not None and not sp.closed:
+            if sp is not None and not sp.closed and self._preface_ok(sp, ev.data):
                 self._deliver(sp, ev.data)
         elif isinstance(ev, yamux.WindowOpened):
             sp = self._splices.get(ev.stream_id)
@@ -424,6 +428,23 @@ class YamuxBridge:
             self._reason = CloseReason.PROTOCOL_ERROR
         elif isinstance(ev, yamux.PingAcked):
             log.debug("yamux ping acked name=%s value=%d", self.name, ev.value)
+
+    def _preface_ok(self, sp: _Splice, data: bytes) -> bool:
+        if sp.preface_seen >= len(self._preface):
+            return True
+        expected = self._preface[sp.preface_seen : sp.preface_seen + len(data)]
+        if data[: len(expected)] == expected:
+            sp.preface_seen += len(expected)
+            return True
+        # Not the protocol the backend speaks: refuse the stream, keep the session.
+        log.warning(
+            "yamux stream reset name=%s stream=%d reason=bad-preface first-bytes=%r",
+            self.name, sp.sid, bytes(data[:16]),
+        )
+        self._stats["streams_refused"] += 1
+        self._session.reset_stream(sp.sid)
+        self._drop(sp)
+        return False
 
     def _on_stream_opened(self, sid: int) -> None:
         session = self._session

@@ -38,6 +38,8 @@ VIRTIO_PORTS_DIR = "/sys/class/virtio-ports"
 # The 1.x agent probed for the port 200 times, 50 ms apart.
 PORT_PROBE_TIMEOUT = 10.0
 PORT_PROBE_INTERVAL = 0.05
+# Every gRPC connection starts with it; a stream that does not is refused at the bridge.
+HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 class ChannelError(Exception):
@@ -139,7 +141,7 @@ class SerialListener:
                 if not wait_host_connected(fd, self._stop):
                     return
                 bridge = YamuxBridge(fd, "server", name="serial")
-                bridge.serve_streams_to(self.backend)
+                bridge.serve_streams_to(self.backend, preface=HTTP2_CLIENT_PREFACE)
                 with self._lock:
                     self._bridge = bridge
                 if self._stop.is_set():
@@ -230,7 +232,7 @@ class UnixSerialListener:
         with conn:
             conn.setblocking(False)
             bridge = YamuxBridge(conn.fileno(), "server", name=f"unix-serial-{number}")
-            bridge.serve_streams_to(self.backend)
+            bridge.serve_streams_to(self.backend, preface=HTTP2_CLIENT_PREFACE)
             with self._lock:
                 self._bridges.add(bridge)
             log.info("host connected path=%s session=%d", self.path, number)

@@ -165,7 +165,10 @@ def test_garbage_http2_preface_closes_that_stream(agent: AgentProcess) -> None:
                     if stream == 1 and flags & (FIN | RST):
                         closed = True
                     offset += size
-        wait_for(lambda: "stream=1" in agent.log_text(), what="a log line for the bad stream")
+        wait_for(
+            lambda: "stream=1 reason=bad-preface" in agent.log_text(),
+            what="a log line for the bad stream",
+        )
         assert check(good) == SERVING
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pty
 import random
@@ -766,5 +767,45 @@ def test_close_resets_open_streams_before_goaway(echo: UnixServer) -> None:
         peer.pump(lambda: yamux.GoAwayReceived(0) in peer.events)
     assert peer.events[-2:] == [yamux.StreamReset(sid), yamux.GoAwayReceived(0)]
     wait_for(lambda: echo.open == 0, what="backend connection closed")
+    mine.close()
+    theirs.close()
+
+
+def test_stream_without_expected_preface_is_reset(echo: UnixServer,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    mine, theirs = socket.socketpair()
+    server = YamuxBridge(theirs.fileno(), "server", name="server")
+    server.serve_streams_to(echo.path, preface=preface)
+    runner = Runner(server)
+    peer = RawPeer(mine)
+    with caplog.at_level(logging.WARNING, logger="kata_agent.bridge"):
+        # The preface split over two frames passes, and the stream echoes.
+        good = peer.session.open_stream()
+        peer.session.send_data(good, preface[:5])
+        peer.flush()
+        peer.session.send_data(good, preface[5:] + b"after")
+        peer.flush()
+        expected = preface + b"after"
+        received = bytearray()
+
+        def echoed() -> bool:
+            for ev in peer.events:
+                if isinstance(ev, yamux.DataReceived) and ev.stream_id == good:
+                    received.extend(ev.data)
+                    peer.session.consumed(good, len(ev.data))
+            peer.events = [e for e in peer.events if not isinstance(e, yamux.DataReceived)]
+            return bytes(received) == expected
+
+        peer.pump(echoed)
+        # A stream starting with anything else is reset; the session lives on.
+        bad = peer.session.open_stream()
+        peer.session.send_data(bad, b"GET / HTTP/1.1\r\n\r\n")
+        peer.flush()
+        peer.pump(lambda: yamux.StreamReset(bad) in peer.events)
+    assert f"stream={bad} reason=bad-preface" in caplog.text
+    assert server.stats["streams_refused"] == 1
+    server.close()
+    assert runner.join() is CloseReason.CLOSED
     mine.close()
     theirs.close()
