@@ -25,7 +25,7 @@ protos: $(VENV)/.stamp
 		$(patsubst agent/%,%,$(PROTOS))
 
 lint: $(VENV)/.stamp
-	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff check agent tests bench image-build
 	$(VENV)/bin/mypy
 
 test: $(VENV)/.stamp
