@@ -18,6 +18,7 @@ from kata_agent.config import AgentConfig, ConfigError
 log = logging.getLogger("kata_agent")
 
 DEFAULT_RUNTIME_DIR = "/run/kata-agent"
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -75,9 +76,20 @@ def private_backend(runtime_dir: str) -> str:
 def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
     # Imported here so that `--help` and config errors stay fast.
     from kata_agent import channel, debug_console, server
-    from kata_agent.service.health import HealthService
+    from kata_agent.engine import syscalls as sc
+    from kata_agent.engine.zygote import ZygoteLauncher
+    from kata_agent.service import build_services, close_services
 
-    services: list[object] = [HealthService()]
+    # Container inits become our children once their launcher exits, so their exit
+    # statuses reach us; set before the zygote starts so its children inherit it.
+    sc.Syscalls().prctl(PR_SET_CHILD_SUBREAPER, 1)
+    if threading.active_count() != 1:
+        # The zygote must be forked from a single-threaded process.
+        log.error("threads running before the zygote count=%d", threading.active_count())
+        return 1
+    zygote = ZygoteLauncher.start()
+    state_root = os.path.join(runtime_dir, "containers")
+    services = build_services(cfg, launcher=zygote, state_root=state_root)
     grpc_server = server.build_server(services)
     if cfg.channel.kind == "unix":
         address = f"unix:{cfg.channel.path}"
@@ -87,6 +99,8 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
         address = f"unix:{backend}"
     if grpc_server.add_insecure_port(address) == 0:
         log.error("cannot listen address=%s", address)
+        close_services(services)
+        zygote.close()
         return 1
     grpc_server.start()
     listener = channel.make_listener(cfg.channel, backend)
@@ -101,6 +115,10 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
     if listener is not None:
         listener.stop()
     grpc_server.stop(grace=1.0).wait()
+    close_services(services)
+    zygote.close()
+    with contextlib.suppress(OSError):
+        os.rmdir(state_root)  # only when empty: state of live containers stays
     if backend:
         # grpcio may have removed its socket already; the directory must go either way.
         with contextlib.suppress(FileNotFoundError):

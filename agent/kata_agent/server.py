@@ -27,9 +27,10 @@ from kata_agent.protocol import names
 
 log = logging.getLogger(__name__)
 
-# Long polls (WaitProcess, GetOOMEvent, ReadStdout) each hold a worker for as long as they
-# wait, so the pool must be larger than the number of them a sandbox keeps open at once.
-DEFAULT_MAX_WORKERS = 64
+# Long polls (WaitProcess, GetOOMEvent, ReadStdout/ReadStderr) each hold a worker for as
+# long as they wait: a shim keeps three open per process, so the pool must be far larger
+# than the processes a sandbox runs. Workers are only started when needed.
+DEFAULT_MAX_WORKERS = 512
 # CopyFile chunks are 1 MiB; anything far above that is not a request a runtime sends.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 

@@ -190,9 +190,9 @@ def test_ctl_commands_and_exit_codes(agent: AgentProcess, tmp_path: Path) -> Non
     assert version.returncode == 0 and '"grpc_version": "0.0.1"' in version.stdout
     generic = ctl("--addr", addr, "call", "grpc.Health/Check", "--json", '{"service": ""}')
     assert generic.returncode == 0 and "SERVING" in generic.stdout
-    unimplemented = ctl("--addr", addr, "call", "ListInterfaces", "--json", "{}")
-    assert unimplemented.returncode == grpc.StatusCode.UNIMPLEMENTED.value[0]
-    assert "UNIMPLEMENTED" in unimplemented.stderr
+    not_found = ctl("--addr", addr, "call", "StartContainer", "--json", '{"container_id": "nope"}')
+    assert not_found.returncode == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "NOT_FOUND" in not_found.stderr
     bad_json = ctl("--addr", addr, "call", "StartContainer", "--json", '{"container_id": 5, ')
     assert bad_json.returncode == 2 and "bad JSON" in bad_json.stderr
     unknown_field = ctl("--addr", addr, "call", "StartContainer", "--json", '{"nope": 1}')
