@@ -10,6 +10,9 @@ minimal init does:
   ``agent.unified_cgroup_hierarchy``), adds the /dev/fd symlinks and starts the reaper.
 * ``reaper`` collects every exited child. Code that wants a child's status registers the pid
   and asks the reaper instead of calling ``waitpid`` itself, so the reaper never steals it.
+  The agent's own launcher does not start it (``start_reaper=False``): the agent service
+  waits on pidfds and through ``subprocess``, which a ``waitpid(-1)`` loop would pre-empt,
+  and its zygote must be forked while the process has a single thread.
 * ``poweroff(reason)`` syncs and powers the VM off instead of leaving a kernel panic loop.
 
 All system calls go through ``InitSyscalls`` (ctypes ``mount``/``reboot`` plus a few ``os``
@@ -21,7 +24,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -72,7 +74,8 @@ class LibcSyscalls:
     """The real layer: ctypes for mount(2) and reboot(2), ``os`` for the rest; raises OSError."""
 
     def __init__(self) -> None:
-        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The libc already loaded: find_library would run ldconfig on every call.
+        self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
                                      ctypes.c_ulong, ctypes.c_char_p]
         self._libc.reboot.argtypes = [ctypes.c_int]

@@ -30,6 +30,8 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 F_SETPIPE_SZ = 1031
+# When agent.container_pipe_size is not given (the kernel's pipe-max-size default).
+DEFAULT_OUTPUT_PIPE_SIZE = 1024 * 1024
 MAX_IO_CHUNK = 1024 * 1024  # largest ReadStdout len / WriteStdin data accepted
 VEOF_BYTE = b"\x04"
 
@@ -328,9 +330,12 @@ class ProcessIO:
             made += [out_r, out_w]
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             made += [err_r, err_w]
-            if pipe_size:
-                for fd in (in_w, out_r, err_r):
-                    set_pipe_size(fd, pipe_size)
+            # Output pipes default to 1 MiB: a ReadStdout can then return up to that much
+            # at once instead of 64 KiB. Pages are only used as data is written.
+            for fd, size in ((in_w, pipe_size), (out_r, pipe_size or DEFAULT_OUTPUT_PIPE_SIZE),
+                             (err_r, pipe_size or DEFAULT_OUTPUT_PIPE_SIZE)):
+                if size:
+                    set_pipe_size(fd, size)
         except BaseException:
             for fd in made:
                 os.close(fd)

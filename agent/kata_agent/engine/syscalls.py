@@ -8,7 +8,6 @@ recording fake instead.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 
@@ -76,7 +75,8 @@ class Syscalls:
     """Thin wrappers; each raises ``OSError(errno, ...)`` when the call fails."""
 
     def __init__(self) -> None:
-        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The libc already loaded: find_library would run ldconfig on every call.
+        self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.syscall.restype = ctypes.c_long
         self._nr = _NR.get(os.uname().machine, _NR["x86_64"])
 
