@@ -24,7 +24,7 @@ from typing import Any
 from kata_agent.engine import process as proc_mod
 from kata_agent.engine import syscalls as sc
 from kata_agent.engine.container import Engine, Stdio
-from kata_agent.engine.errors import EngineError, SpecError
+from kata_agent.engine.errors import EngineError, NotFoundError, SpecError
 from kata_agent.engine.spec import Process, Spec, default_spec
 from kata_agent.engine.state import STOPPED
 
@@ -287,7 +287,12 @@ def cmd(args: argparse.Namespace, preserved: Sequence[int]) -> int:
     elif verb == "kill":
         engine.kill(args.id, parse_signal(args.signal), all=args.all)
     elif verb == "delete":
-        engine.delete(args.id, force=args.force)
+        try:
+            engine.delete(args.id, force=args.force)
+        except NotFoundError:
+            # As runc: deleting what is not there is only an error without --force.
+            if not args.force:
+                raise
     elif verb == "exec":
         process = exec_process_spec(args, engine)
         master = []

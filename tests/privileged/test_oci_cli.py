@@ -655,3 +655,28 @@ def test_join_namespaces_by_path(rt: Runtime) -> None:
     assert net == os.readlink(f"/proc/{pid}/ns/net")
     assert ipc == os.readlink(f"/proc/{pid}/ns/ipc")
     assert uts != os.readlink(f"/proc/{pid}/ns/uts")  # not asked to join: a new one
+
+
+def test_delete_force_of_missing_container_succeeds(rt: Runtime) -> None:
+    missing = rt.new_id("missing")
+    assert rt.cli("delete", missing).returncode != 0
+    forced = rt.cli("delete", "--force", missing)
+    assert forced.returncode == 0, forced.stderr
+
+
+@pytest.mark.skipif(shutil.which("runc") is None, reason="host capability missing: runc")
+def test_runs_the_bundle_runc_spec_generates(rt: Runtime, tmp_path: Path) -> None:
+    """`runc spec` asks for ambient capabilities it does not make inheritable."""
+    bundle = tmp_path / "runc-bundle"
+    bundle.mkdir()
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    caps = spec["process"]["capabilities"]
+    assert caps.get("ambient") and not set(caps["ambient"]) <= set(caps.get("inheritable", []))
+    spec["process"]["terminal"] = False
+    spec["process"]["args"] = ["sh", "-c", "grep CapAmb /proc/self/status"]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    os.symlink(rt.rootfs, bundle / "rootfs")
+    r = rt.cli("run", "--bundle", str(bundle), rt.new_id("runcspec"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["CapAmb:", "0000000000000000"]

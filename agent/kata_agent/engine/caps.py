@@ -142,9 +142,14 @@ def apply_capabilities(caps: Capabilities) -> None:
         except OSError as e:
             if e.errno != errno.EINVAL or caps.ambient:
                 raise  # EINVAL: kernel without ambient capabilities, fine when none asked.
+        raisable = caps.permitted & caps.inheritable
         for name in sorted(caps.ambient):
             bit = CAPABILITIES[name]
-            if bit <= limit:
+            if name not in raisable:
+                # The kernel refuses (EPERM) an ambient capability that is not both
+                # permitted and inheritable; like runc, skip it instead of failing.
+                log.warning("ambient capability skipped cap=%s reason=not-inheritable", name)
+            elif bit <= limit:
                 lowlevel.prctl(lowlevel.PR_CAP_AMBIENT, lowlevel.PR_CAP_AMBIENT_RAISE, bit)
         lowlevel.prctl(lowlevel.PR_SET_KEEPCAPS, 0)
     except OSError as e:
