@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from kata_agent.engine.spec import Spec, validate_id
 from kata_agent.engine.state import ContainerState
 
 if TYPE_CHECKING:
+    from kata_agent.engine.cgroups.base import Cgroup
     from kata_agent.engine.container import Engine, Stdio
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ def create(engine: Engine, container_id: str, bundle: str | None, spec: Spec, *,
         cg_procs: tuple[str, ...] = ()
         if cg is not None:
             cg.create()
-            undo.callback(cg.destroy)
+            undo.callback(discard_cgroup, cg)
             if spec.linux.resources is not None:
                 cg.apply(spec.linux.resources)
             cg_paths = dict(cg.paths())
@@ -124,6 +126,14 @@ def create(engine: Engine, container_id: str, bundle: str | None, spec: Spec, *,
         undo.pop_all()
     log.info("event=created container=%s pid=%d", container_id, cstate.pid)
     return cstate
+
+
+def discard_cgroup(cg: Cgroup) -> None:
+    """Undo of a failed create. The launch joins the cgroup before forking anything, so
+    killing what is in it also takes an init the launch lost track of (a step timing out
+    after the init was forked); only then can the directories go."""
+    cg.kill_all(signal.SIGKILL)
+    cg.destroy()
 
 
 def _owner() -> str:
