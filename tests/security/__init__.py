@@ -1,0 +1,1 @@
+"""The security suite: fuzz targets and their documentation (see README.md)."""
