@@ -428,3 +428,11 @@ def test_session_bad_header_sends_goaway_protocol_error(bad: str) -> None:
         Frame(FrameType.PING, Flag.ACK, 0, 7),
         Frame(FrameType.GO_AWAY, 0, 0, GoAwayCode.PROTOCOL_ERROR),
     ]
+
+
+def test_stream_opened_and_reset_by_one_frame_leaves_no_trace() -> None:
+    s = yamux.Session("server")
+    events = s.receive_data(yamux.encode_window_update(1, 0, flags=yamux.Flag.SYN | yamux.Flag.RST))
+    assert events == []
+    assert s.stream_state(1) is None
+    assert s.data_to_send() == b""

@@ -577,6 +577,12 @@ class Session:
                 # An id of our own parity would collide with the streams we open.
                 events.append(self._protocol_error(f"SYN with invalid stream id {sid}"))
                 return
+            if flags & _RST:
+                # Opened and aborted by the same frame: nothing to accept, nothing to
+                # answer; whatever payload it carries belongs to no stream.
+                log.debug("yamux stream opened and reset at once role=%s stream=%d",
+                          self.role, sid)
+                return
             if self.local_goaway or self._pending_accept >= self.accept_backlog:
                 log.debug("yamux refusing stream role=%s stream=%d backlog=%d",
                           self.role, sid, self._pending_accept)
