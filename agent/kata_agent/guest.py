@@ -107,8 +107,9 @@ def _os_error(err: OSError, what: str) -> EngineError:
     msg = f"{what}: {err.strerror or err}"
     if code == errno.ENOENT:
         return NotFoundError(msg, errno=code)
+    # ENXIO: a FIFO or socket where a regular file should be.
     if code in (errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EXDEV,
-                errno.EINVAL):
+                errno.EINVAL, errno.ENXIO):
         return SpecError(msg, errno=code, field="path")
     return HostError(msg, errno=code)
 
@@ -425,7 +426,9 @@ class GuestOps:
 
     @staticmethod
     def _open_temp(parent: int, tmp: str, *, fresh: bool) -> int:
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO swapped in for the temp file must fail the open (ENXIO)
+        # instead of waiting for a reader while the copy lock is held.
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             if fresh:
                 # A stale or planted temp file (a hard link to a file elsewhere) must never
@@ -446,6 +449,7 @@ class GuestOps:
             os.close(fd)
             # A hard link would let the writes land in a file outside the shared directory.
             raise SpecError("temporary file was replaced by a link", field="path")
+        os.set_blocking(fd, True)
         return fd
 
     @staticmethod

@@ -211,9 +211,6 @@ def test_temp_file_replaced_by_a_special_file_is_refused(dirs: tuple[Path, Path]
     outside_untouched(outside)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: GuestOps._open_temp opens an existing temp file O_WRONLY without O_NONBLOCK; "
-    "a FIFO planted between chunks blocks CopyFile forever while it holds _copy_lock"))
 def test_temp_file_replaced_by_a_fifo_does_not_block(dirs: tuple[Path, Path]) -> None:
     """Attack: between two chunks the temp file becomes a FIFO with no reader. Opening it
     for writing would wait for a reader forever, holding the copy lock: every later
