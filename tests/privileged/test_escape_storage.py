@@ -219,10 +219,6 @@ def test_mount_point_file_swapped_for_fifo_does_not_hang(mgr: StorageManager,
     assert_outside_untouched(outside)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: StorageManager.remove() unmounts by path, re-resolving parent symlinks at "
-    "teardown; a parent swapped for a symlink after add() makes it unmount and rmdir a "
-    "mount outside the allowed root"))
 def test_teardown_follows_no_symlink_swapped_in_after_mount(
         mgr: StorageManager, area: tuple[Path, Path]) -> None:
     """Attack: after the agent mounted at ROOT/vol/m, whoever can write ROOT moves vol

@@ -42,7 +42,7 @@ class RecordingSyscalls:
                            _real(data) if data else data))
 
     def umount2(self, target: str, flags: int) -> None:
-        self.calls.append(("umount2", target, flags))
+        self.calls.append(("umount2", _real(target), flags))
 
 
 class FakeBlockFinder(DeviceFinder):
@@ -377,14 +377,19 @@ def test_overlay_layers_inside_roots(fake: RecordingSyscalls, root: Path) -> Non
     lay = root / "layers"
     mp = str(root / "merged")
     fds_before = len(os.listdir("/proc/self/fd"))
-    manager(fake, root).add(StorageSpec(
+    mgr = manager(fake, root)
+    handle = mgr.add(StorageSpec(
         "overlay", "overlay", mp, "overlay",
         (f"lowerdir={lay}/l1:{lay}/l2", f"upperdir={lay}/up", f"workdir={lay}/work",
          "index=off")))
     assert fake.calls == [("mount", "overlay", mp, "overlay", 0,
                            f"lowerdir={lay}/l1:{lay}/l2,upperdir={lay}/up,"
                            f"workdir={lay}/work,index=off")]
-    assert len(os.listdir("/proc/self/fd")) == fds_before  # layer fds closed after mounting
+    # Layer fds are closed after mounting; only the mount point's parent stays held,
+    # for the teardown, and goes with it.
+    assert len(os.listdir("/proc/self/fd")) == fds_before + 1
+    mgr.remove(handle)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
 
 
 @pytest.mark.parametrize(("opts", "field"), [

@@ -75,9 +75,14 @@ DRIVERS: dict[str, Driver] = {
 class _Entry:
     driver: str
     source: str
-    path: str  # resolved path of the mount point
+    path: str  # resolved path of the mount point (for logs)
     mounted: bool
     created: bool
+    # Teardown goes through the parent directory held open since the mount, never through
+    # a path the host could have redirected with a symlink in the meantime.
+    parent_fd: int = -1
+    name: str = ""
+    mnt_id: int = -1  # the mount made there, checked before unmounting
     users: int = 1
 
 
@@ -176,15 +181,18 @@ class StorageManager:
                     os.chown(proc, -1 if plan.uid is None else plan.uid,
                              -1 if plan.gid is None else plan.gid)
                     os.chmod(proc, plan.dir_mode)  # chown clears set-group-id
-                return _Entry(spec.driver, spec.source, path, mounted=False, created=created)
+                return _held(_Entry(spec.driver, spec.source, path, mounted=False,
+                                    created=created), fd)
             # Mount on the opened directory, not on a path a symlink could redirect.
             self._sys.mount(plan.source, proc, plan.fstype, plan.flags, plan.data or None)
-            if plan.propagation:
-                try:
+            try:
+                if plan.propagation:
                     self._sys.mount(None, path, None, plan.propagation)
-                except OSError:
-                    self._sys.umount2(path, sc.MNT_DETACH | sc.UMOUNT_NOFOLLOW)
-                    raise
+                return _held(_Entry(spec.driver, spec.source, path, mounted=True,
+                                    created=created), fd)
+            except OSError:
+                self._sys.umount2(path, sc.MNT_DETACH | sc.UMOUNT_NOFOLLOW)
+                raise
         except OSError as e:
             if created:
                 _remove_dir(path, tree=not plan.mount)
@@ -192,7 +200,6 @@ class StorageManager:
                             f"{e.strerror}", errno=e.errno or 0, field="mount_point") from e
         finally:
             os.close(fd)
-        return _Entry(spec.driver, spec.source, path, mounted=True, created=created)
 
     # -- remove --------------------------------------------------------------------------
 
@@ -205,26 +212,43 @@ class StorageManager:
             if entry.users > 1:
                 entry.users -= 1
                 return
-            self._teardown(entry)
+            # Forgotten even when the teardown fails: its fds are closed either way.
             del self._entries[handle.mount_point]
+            self._teardown(entry)
         log.info("event=storage_removed driver=%s mount_point=%s", entry.driver,
                  handle.mount_point)
 
     def _teardown(self, entry: _Entry) -> None:
-        if entry.mounted:
-            try:
-                self._sys.umount2(entry.path, sc.UMOUNT_NOFOLLOW)
-            except OSError as e:
-                if e.errno == errno.EBUSY:
-                    log.warning("event=umount_busy path=%s action=detach", entry.path)
-                    self._sys.umount2(entry.path, sc.MNT_DETACH | sc.UMOUNT_NOFOLLOW)
-                elif e.errno != errno.EINVAL:
-                    raise HostError(f"cannot unmount {entry.path}: {e.strerror}",
-                                    errno=e.errno or 0) from e
-                else:
-                    log.warning("event=umount_not_mounted path=%s", entry.path)
-        if entry.created:
-            _remove_dir(entry.path, tree=not entry.mounted)
+        try:
+            if entry.mounted:
+                self._unmount(entry)
+            if entry.created:
+                _remove_dir_at(entry.parent_fd, entry.name, tree=not entry.mounted)
+        finally:
+            os.close(entry.parent_fd)
+
+    def _unmount(self, entry: _Entry) -> None:
+        try:
+            current = _mount_id(entry.parent_fd, entry.name)
+        except OSError:
+            current = -1
+        if current != entry.mnt_id:
+            # The mount point was moved or replaced (a symlink, another mount): unmounting
+            # whatever is there now could take down a mount that is not ours.
+            raise HostError(f"mount point {entry.path} was moved or replaced; not unmounting",
+                            errno=errno.ESTALE, field="mount_point")
+        target = f"/proc/self/fd/{entry.parent_fd}/{entry.name}"
+        try:
+            self._sys.umount2(target, sc.UMOUNT_NOFOLLOW)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                log.warning("event=umount_busy path=%s action=detach", entry.path)
+                self._sys.umount2(target, sc.MNT_DETACH | sc.UMOUNT_NOFOLLOW)
+            elif e.errno != errno.EINVAL:
+                raise HostError(f"cannot unmount {entry.path}: {e.strerror}",
+                                errno=e.errno or 0) from e
+            else:
+                log.warning("event=umount_not_mounted path=%s", entry.path)
 
     def remove_all(self) -> None:
         """Unmount everything (sandbox teardown), whatever the user counts."""
@@ -253,6 +277,45 @@ def _exists_in_root(root: str, rel: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def _held(entry: _Entry, fd: int) -> _Entry:
+    """Hold the parent of the mount point directory `fd` (the real one, whatever symlinks
+    led to it) and note the mount made there."""
+    entry.parent_fd = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    entry.name = os.path.basename(entry.path)
+    try:
+        if entry.mounted:
+            entry.mnt_id = _mount_id(entry.parent_fd, entry.name)
+    except OSError:
+        os.close(entry.parent_fd)
+        raise
+    return entry
+
+
+def _mount_id(parent_fd: int, name: str) -> int:
+    """The id of the mount whose root (or inside which) `name` in `parent_fd` is."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC,
+                 dir_fd=parent_fd)
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    finally:
+        os.close(fd)
+    raise OSError(errno.ENOTSUP, "no mnt_id in fdinfo")
+
+
+def _remove_dir_at(parent_fd: int, name: str, *, tree: bool) -> None:
+    """Best effort: a directory we created goes away with the storage."""
+    try:
+        if tree:
+            shutil.rmtree(name, dir_fd=parent_fd)
+        else:
+            os.rmdir(name, dir_fd=parent_fd)
+    except OSError as e:
+        log.warning("event=rmdir_failed name=%s error=%s", name, e)
 
 
 def _remove_dir(path: str, *, tree: bool) -> None:
