@@ -36,6 +36,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", choices=sorted(config.LOG_LEVELS), help="overrides agent.log")
     p.add_argument("--cmdline", default="/proc/cmdline", help="kernel command line file to read")
     p.add_argument(
+        "--policy", help="JSON policy file: deny what it does not allow (overrides agent.policy)"
+    )
+    p.add_argument(
         "--runtime-dir",
         default=DEFAULT_RUNTIME_DIR,
         help="private directory for the agent's own sockets (created 0700)",
@@ -49,6 +52,7 @@ def load_config(args: argparse.Namespace) -> AgentConfig:
     overrides: list[tuple[str, object]] = [
         ("channel", config.parse_channel(args.channel) if args.channel else None),
         ("log_level", config.LOG_LEVELS[args.log_level] if args.log_level else None),
+        ("policy", args.policy),
     ]
     return config.with_overrides(cfg, overrides)
 
@@ -78,7 +82,17 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
     from kata_agent import channel, debug_console, server
     from kata_agent.engine import syscalls as sc
     from kata_agent.engine.zygote import ZygoteLauncher
+    from kata_agent.policy import PolicyError, load_optional
     from kata_agent.service import build_services, close_services
+
+    try:
+        policy = load_optional(cfg.policy)
+    except PolicyError as err:
+        # A hardened image asked for a policy: serving without it would allow everything.
+        log.error("policy refused, not starting error=%s", err)
+        return 2
+    if cfg.policy:
+        log.info("policy loaded path=%s", cfg.policy)
 
     # Container inits become our children once their launcher exits, so their exit
     # statuses reach us; set before the zygote starts so its children inherit it.
@@ -89,7 +103,7 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
         return 1
     zygote = ZygoteLauncher.start()
     state_root = os.path.join(runtime_dir, "containers")
-    services = build_services(cfg, launcher=zygote, state_root=state_root)
+    services = build_services(cfg, launcher=zygote, state_root=state_root, policy=policy)
     grpc_server = server.build_server(services)
     if cfg.channel.kind == "unix":
         address = f"unix:{cfg.channel.path}"

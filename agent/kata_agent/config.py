@@ -91,6 +91,7 @@ class AgentConfig:
     trace: bool = False
     devmode: bool = False
     unified_cgroup_hierarchy: bool = False
+    policy: str = ""  # path of a JSON policy file; empty: everything allowed
 
 
 def _parse_bool(value: str) -> bool:
@@ -191,6 +192,10 @@ def from_cmdline(cmdline: str, base: AgentConfig | None = None) -> AgentConfig:
                 changes["trace"] = _parse_bool(value) if has_value else True
             elif option == "devmode":
                 changes["devmode"] = _parse_bool(value) if has_value else True
+            elif option == "policy":
+                if not value.startswith("/"):
+                    raise ConfigError(f"policy path must be absolute: {value!r}")
+                changes["policy"] = value
             elif option == "unified_cgroup_hierarchy":
                 changes["unified_cgroup_hierarchy"] = _parse_bool(value) if has_value else True
             else:

@@ -50,6 +50,7 @@ from kata_agent.engine.resources import LinuxResources
 from kata_agent.engine.spec import Process, Spec, validate_id
 from kata_agent.engine.state import STOPPED
 from kata_agent.iostreams import Cancelled, Canceller, ProcessIO
+from kata_agent.policy import Policy
 from kata_agent.storage import StorageManager
 from kata_agent.storage.spec import DeviceSpec, MountHandle, StorageSpec
 
@@ -558,8 +559,9 @@ class Sandbox:
 
     def __init__(self, engine: Engine, storage: StorageManager, *, pipe_size: int = 0,
                  paths: SandboxPaths | None = None, syscalls: sc.Syscalls | None = None,
-                 drain_grace: float = DRAIN_GRACE) -> None:
+                 drain_grace: float = DRAIN_GRACE, policy: Policy | None = None) -> None:
         self.engine = engine
+        self.policy = policy or Policy.allow_all()
         self.storage = storage
         self.pipe_size = pipe_size
         self.paths = paths or SandboxPaths()
@@ -804,6 +806,9 @@ class Sandbox:
             raise SpecError(f"rootfs {path!r} is outside {', '.join(self.paths.rootfs_roots)}",
                             field="OCI.Root.Path")
         root["path"] = real
+        process = oci.get("process")
+        args = process.get("args") if isinstance(process, dict) else None
+        self.policy.check_container([str(a) for a in args or ()], real)
         self._apply_namespaces(oci, req.sandbox_pidns)
         self._apply_guest_hooks(oci)
         return oci
@@ -955,6 +960,7 @@ class Sandbox:
         c = self._container(cid)
         validate_id(exec_id, "exec_id")
         proc = Process.from_oci(process_oci, "process")
+        self.policy.check_exec(proc.args)
         with c.lock:
             with self._lock:
                 if exec_id in c.processes:

@@ -82,3 +82,10 @@ def test_flags_override_cmdline() -> None:
     cfg = config.with_overrides(cfg, [("channel", Channel("unix", path="/x")), ("log_level", None)])
     assert cfg.channel == Channel("unix", path="/x")
     assert cfg.log_level == logging.DEBUG
+
+
+def test_policy_path_from_cmdline_must_be_absolute() -> None:
+    assert config.from_cmdline("agent.policy=/etc/kata/policy.json").policy == (
+        "/etc/kata/policy.json"
+    )
+    assert config.from_cmdline("agent.policy=relative.json").policy == ""

@@ -25,13 +25,16 @@ def seccomp_supported(status_path: str = "/proc/self/status") -> bool:
 
 
 def build_services(cfg: AgentConfig, *, launcher: Any, state_root: str,
-                   cgroup_root: str = "/sys/fs/cgroup", paths: Any = None) -> list[object]:
+                   cgroup_root: str = "/sys/fs/cgroup", paths: Any = None,
+                   policy: Any = None) -> list[object]:
     """Every service of the agent. ``launcher`` starts container processes (the zygote:
-    the agent is threaded); ``state_root`` holds the engine's per-container state."""
+    the agent is threaded); ``state_root`` holds the engine's per-container state;
+    ``policy`` (default: allow all) decides which RPCs, containers and execs may run."""
     from kata_agent.engine import syscalls as sc
     from kata_agent.engine.container import Engine
     from kata_agent.guest import GuestOps
     from kata_agent.network import Network
+    from kata_agent.policy import Policy
     from kata_agent.sandbox import Sandbox
     from kata_agent.service.containers import ContainerService
     from kata_agent.service.guest import GuestService
@@ -46,17 +49,19 @@ def build_services(cfg: AgentConfig, *, launcher: Any, state_root: str,
     syscalls = sc.Syscalls()
     engine = Engine(state_root, syscalls=syscalls, cgroup_root=cgroup_root, launcher=launcher)
     storage = StorageManager(syscalls, hotplug_timeout=cfg.hotplug_timeout)
+    policy = policy or Policy.allow_all()
     sandbox = Sandbox(engine, storage, pipe_size=cfg.container_pipe_size, paths=paths,
-                      syscalls=syscalls)
+                      syscalls=syscalls, policy=policy)
     ops = GuestOps(device_handlers=DEVICE_TYPES, storage_handlers=storage.handlers(),
                    supports_seccomp=seccomp_supported())
     # After CPU hotplug the containers' cpusets follow the CPUs now online.
     ops.cpu_hooks.append(sandbox.set_container_cpus)
-    return [
+    services: list[object] = [
         HealthService(), SandboxService(sandbox), ContainerService(sandbox),
         ProcessService(sandbox), StreamService(sandbox), NetworkService(Network()),
         GuestService(ops),
     ]
+    return [policy.guard(s) for s in services]
 
 
 def close_services(services: Iterable[object]) -> None:
