@@ -1,0 +1,3 @@
+module example.invalid/kata-conformance-fixture
+
+go 1.19
