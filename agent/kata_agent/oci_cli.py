@@ -3,41 +3,90 @@
 Verbs and flags follow runc so OCI tooling (runtime-tools validation, shims) can drive it.
 The process is single-threaded and forks container processes itself; before it does, it
 re-executes from a sealed copy of the interpreter (see engine/process.py).
+
+Start-up cost matters (a shim runs one process per verb): a verb that puts a process into a
+container re-executes before loading anything else, and every verb loads only the modules
+it uses (hence the imports inside functions).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import fcntl
-import json
-import logging
 import os
-import select
-import signal
 import sys
-import termios
-import tty
-from collections.abc import Sequence
-from typing import Any
 
-from kata_agent.engine import process as proc_mod
-from kata_agent.engine import syscalls as sc
-from kata_agent.engine.container import Engine, Stdio
-from kata_agent.engine.errors import EngineError, NotFoundError, SpecError
-from kata_agent.engine.spec import Process, Spec, default_spec
-from kata_agent.engine.state import STOPPED
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
-log = logging.getLogger(__name__)
+    from kata_agent.engine.container import Engine
+    from kata_agent.engine.spec import Process
 
 DEFAULT_ROOT = "/run/kata-oci"
 FORKING_VERBS = ("create", "run", "exec")
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kata-oci", description="OCI runtime for Kata guests")
+def forwarded_signals() -> list[int]:
+    import signal
+
+    return [int(getattr(signal, name)) for name in FORWARDED_SIGNALS]
+
+
+VERBS = ("create", "run", "start", "state", "kill", "delete", "exec", "ps", "pause", "resume",
+         "list", "spec")
+_GLOBAL_FLAGS = ("--debug", "--systemd-cgroup")
+_GLOBAL_VALUES = ("--root", "--log", "--log-format")
+
+
+def verb_of(argv: Sequence[str]) -> str | None:
+    """The verb of a command line spelled plainly (global options in full, before the
+    verb); None for anything else (abbreviations, --help, ``--``...)."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _GLOBAL_FLAGS:
+            i += 1
+        elif a in _GLOBAL_VALUES:
+            i += 2
+        elif "=" in a and a.split("=", 1)[0] in _GLOBAL_VALUES:
+            i += 1
+        else:
+            return a if a in VERBS else None
+    return None
+
+
+def _terminal_columns() -> int:
+    """COLUMNS, else the width of the terminal on stdout, else 80 (as shutil does)."""
+    try:
+        cols = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        cols = 0
+    if cols > 0:
+        return cols
+    out = sys.__stdout__
+    try:
+        return (os.get_terminal_size(out.fileno()).columns if out is not None else 0) or 80
+    except (ValueError, OSError):
+        return 80
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` the one verb's sub-command (what a plainly spelled
+    command line needs: it parses to the same namespace, for less start-up time)."""
+    import argparse
+
+    def want(name: str) -> bool:
+        return only is None or only == name
+
+    # What argparse would ask shutil for (shutil alone costs more to load than parsing).
+    width = _terminal_columns() - 2
+
+    def formatter(prog: str) -> argparse.HelpFormatter:
+        return argparse.HelpFormatter(prog, width=width)
+
+    p = argparse.ArgumentParser(prog="kata-oci", description="OCI runtime for Kata guests",
+                                formatter_class=formatter)
     p.add_argument("--root", default=DEFAULT_ROOT, help="state directory")
     p.add_argument("--log", default="", help="log file (default stderr)")
     p.add_argument("--log-format", default="text", choices=("text", "json"))
@@ -47,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     def with_id(name: str, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, help=help_, formatter_class=formatter)
         sp.add_argument("id")
         return sp
 
@@ -59,54 +108,69 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-new-keyring", action="store_true")
         sp.add_argument("--preserve-fds", type=int, default=0)
 
-    creating(with_id("create", "create a container"))
-    run = with_id("run", "create and start a container, wait for it")
-    creating(run)
-    run.add_argument("--detach", "-d", action="store_true")
-    run.add_argument("--keep", action="store_true")
-    with_id("start", "start a created container")
-    with_id("state", "print the state of a container")
-    k = with_id("kill", "send a signal to a container")
-    k.add_argument("signal", nargs="?", default="SIGTERM")
-    k.add_argument("--all", "-a", action="store_true")
-    d = with_id("delete", "delete a container")
-    d.add_argument("--force", "-f", action="store_true")
-    e = with_id("exec", "run a process in a container")
-    e.add_argument("command", nargs=argparse.REMAINDER)
-    e.add_argument("--process", "-p", default=None)
-    e.add_argument("--tty", "-t", action="store_true")
-    e.add_argument("--env", "-e", action="append", default=[])
-    e.add_argument("--cwd", default=None)
-    e.add_argument("--user", "-u", default=None)
-    e.add_argument("--additional-gids", "-g", action="append", default=[])
-    e.add_argument("--detach", "-d", action="store_true")
-    e.add_argument("--pid-file", default=None)
-    e.add_argument("--console-socket", default=None)
-    e.add_argument("--preserve-fds", type=int, default=0)
-    e.add_argument("--no-new-privs", action="store_true")
-    ps = with_id("ps", "list processes of a container")
-    ps.add_argument("--format", "-f", default="table", choices=("table", "json"))
-    with_id("pause", "freeze a container")
-    with_id("resume", "thaw a container")
-    ls = sub.add_parser("list", help="list containers")
-    ls.add_argument("--format", "-f", default="table", choices=("table", "json"))
-    ls.add_argument("--quiet", "-q", action="store_true")
-    sp = sub.add_parser("spec", help="write a default config.json")
-    sp.add_argument("--bundle", "-b", default=".")
-    sp.add_argument("--rootless", action="store_true")
+    if want("create"):
+        creating(with_id("create", "create a container"))
+    if want("run"):
+        run = with_id("run", "create and start a container, wait for it")
+        creating(run)
+        run.add_argument("--detach", "-d", action="store_true")
+        run.add_argument("--keep", action="store_true")
+    if want("start"):
+        with_id("start", "start a created container")
+    if want("state"):
+        with_id("state", "print the state of a container")
+    if want("kill"):
+        k = with_id("kill", "send a signal to a container")
+        k.add_argument("signal", nargs="?", default="SIGTERM")
+        k.add_argument("--all", "-a", action="store_true")
+    if want("delete"):
+        d = with_id("delete", "delete a container")
+        d.add_argument("--force", "-f", action="store_true")
+    if want("exec"):
+        e = with_id("exec", "run a process in a container")
+        e.add_argument("command", nargs=argparse.REMAINDER)
+        e.add_argument("--process", "-p", default=None)
+        e.add_argument("--tty", "-t", action="store_true")
+        e.add_argument("--env", "-e", action="append", default=[])
+        e.add_argument("--cwd", default=None)
+        e.add_argument("--user", "-u", default=None)
+        e.add_argument("--additional-gids", "-g", action="append", default=[])
+        e.add_argument("--detach", "-d", action="store_true")
+        e.add_argument("--pid-file", default=None)
+        e.add_argument("--console-socket", default=None)
+        e.add_argument("--preserve-fds", type=int, default=0)
+        e.add_argument("--no-new-privs", action="store_true")
+    if want("ps"):
+        ps = with_id("ps", "list processes of a container")
+        ps.add_argument("--format", "-f", default="table", choices=("table", "json"))
+    if want("pause"):
+        with_id("pause", "freeze a container")
+    if want("resume"):
+        with_id("resume", "thaw a container")
+    if want("list"):
+        ls = sub.add_parser("list", help="list containers", formatter_class=formatter)
+        ls.add_argument("--format", "-f", default="table", choices=("table", "json"))
+        ls.add_argument("--quiet", "-q", action="store_true")
+    if want("spec"):
+        sp = sub.add_parser("spec", help="write a default config.json",
+                            formatter_class=formatter)
+        sp.add_argument("--bundle", "-b", default=".")
+        sp.add_argument("--rootless", action="store_true")
     return p
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"level": record.levelname.lower(), "msg": record.getMessage(),
-                           "time": self.formatTime(record), "logger": record.name})
-
-
 def setup_logging(args: argparse.Namespace) -> None:
+    import json
+    import logging
+
+    class JsonFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return json.dumps({"level": record.levelname.lower(), "msg": record.getMessage(),
+                               "time": self.formatTime(record), "logger": record.name})
+
     handler: logging.Handler = (logging.FileHandler(args.log) if args.log
                                 else logging.StreamHandler(sys.stderr))
-    handler.setFormatter(_JsonFormatter() if args.log_format == "json"
+    handler.setFormatter(JsonFormatter() if args.log_format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -114,6 +178,10 @@ def setup_logging(args: argparse.Namespace) -> None:
 
 
 def parse_signal(text: str) -> int:
+    import signal
+
+    from kata_agent.engine.errors import SpecError
+
     t = text.upper()
     if t.isdigit():
         return int(t)
@@ -134,6 +202,8 @@ def exit_status(status: int) -> int:
 
 def grab_preserved(n: int) -> list[int]:
     """Move fds 3..3+n-1 out of the way (close-on-exec copies) before we open anything."""
+    import fcntl
+
     out = []
     for fd in range(3, 3 + n):
         out.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 256))
@@ -141,18 +211,32 @@ def grab_preserved(n: int) -> list[int]:
     return out
 
 
-def wait_child(pid: int, forward: bool = True) -> int:
-    """Wait for ``pid`` (our child by the subreaper rule), forwarding signals to it and
-    reaping any other orphan that lands on us meanwhile."""
+def relay_signals(pid: int) -> None:
+    """Forward the signals a shell or shim sends us to ``pid`` from now on."""
+    import contextlib
+    import signal
 
     def relay(signum: int, _frame: object) -> None:
         # waitpid() restarts after a handler runs (PEP 475): forward from the handler.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
+    for s in forwarded_signals():
+        signal.signal(s, relay)
+
+
+def _default_signals() -> None:
+    import signal
+
+    for s in forwarded_signals():
+        signal.signal(s, signal.SIG_DFL)
+
+
+def wait_child(pid: int, forward: bool = True) -> int:
+    """Wait for ``pid`` (our child by the subreaper rule), forwarding signals to it and
+    reaping any other orphan that lands on us meanwhile."""
     if forward:
-        for s in FORWARDED_SIGNALS:
-            signal.signal(s, relay)
+        relay_signals(pid)
     try:
         while True:
             try:
@@ -163,18 +247,16 @@ def wait_child(pid: int, forward: bool = True) -> int:
                 return exit_status(status)
     finally:
         if forward:
-            for s in FORWARDED_SIGNALS:
-                signal.signal(s, signal.SIG_DFL)
+            _default_signals()
 
 
 def proxy_tty(master: int, pid: int) -> int:
     """Copy between our terminal and the container's pty until the process exits."""
-    def relay(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+    import select
+    import termios
+    import tty
 
-    for s in FORWARDED_SIGNALS:
-        signal.signal(s, relay)
+    relay_signals(pid)
     old = None
     if os.isatty(0):
         old = termios.tcgetattr(0)
@@ -211,6 +293,8 @@ def proxy_tty(master: int, pid: int) -> int:
 
 
 def _drain(master: int) -> None:
+    import select
+
     while select.select([master], [], [], 0)[0]:
         try:
             data = os.read(master, 4096)
@@ -222,6 +306,12 @@ def _drain(master: int) -> None:
 
 
 def exec_process_spec(args: argparse.Namespace, engine: Engine) -> Process:
+    import json
+    from typing import Any
+
+    from kata_agent.engine.errors import SpecError
+    from kata_agent.engine.spec import Process
+
     if args.process:
         with open(args.process) as f:
             return Process.from_oci(json.load(f), "process")
@@ -249,16 +339,33 @@ def exec_process_spec(args: argparse.Namespace, engine: Engine) -> Process:
 
 
 def cmd(args: argparse.Namespace, preserved: Sequence[int]) -> int:
+    from kata_agent.engine.errors import EngineError, NotFoundError, SpecError
+
     if args.systemd_cgroup:
         raise SpecError("systemd cgroup driver is not supported", field="--systemd-cgroup")
+    if args.verb == "delete" and args.force:
+        # What a shim runs after every container, usually once it is gone: with nothing
+        # under the id there is nothing to do (and no engine to load).
+        from kata_agent.engine.ids import validate_id
+
+        if not os.path.lexists(os.path.join(args.root, validate_id(args.id))):
+            return 0
+    import json
+
+    from kata_agent.engine.container import Engine, Stdio
+
     engine = Engine(args.root)
     verb = args.verb
     if verb == "spec":
+        from kata_agent.engine.spec import default_spec
+
         path = os.path.join(args.bundle, "config.json")
         with open(path, "x") as f:
             json.dump(default_spec(rootless=args.rootless), f, indent=2)
         return 0
     if verb in ("create", "run"):
+        from kata_agent.engine.spec import Spec
+
         spec = Spec.load(args.bundle)
         master: list[int] = []
         stdio = Stdio(fds=(0, 1, 2), on_console=master.append)
@@ -269,6 +376,10 @@ def cmd(args: argparse.Namespace, preserved: Sequence[int]) -> int:
             for fd in master:
                 os.close(fd)
             return 0
+        if not args.detach:
+            # From before the workload runs, so a signal sent as soon as it shows signs of
+            # life reaches it instead of killing us.
+            relay_signals(cstate.pid)
         try:
             engine.start(args.id)
         except EngineError:
@@ -323,6 +434,8 @@ def cmd(args: argparse.Namespace, preserved: Sequence[int]) -> int:
         elif args.format == "json":
             print(json.dumps([s.oci_state() for s in states]))
         else:
+            from kata_agent.engine.state import STOPPED
+
             print(f"{'ID':<20} {'PID':<8} {'STATUS':<10} {'BUNDLE':<30} {'CREATED':<32} OWNER")
             for s in states:
                 pid = s.pid if s.status != STOPPED else 0
@@ -333,17 +446,31 @@ def cmd(args: argparse.Namespace, preserved: Sequence[int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.verb in FORKING_VERBS:
+    if any(a in FORKING_VERBS for a in argv):
         # Container processes start as forks of this interpreter: run from a sealed copy.
-        proc_mod.reexec_sealed(["-m", "kata_agent.oci_cli", *argv])
+        # Done before parsing or loading the engine, which the sealed process does anyway.
+        # (Any argument spelled like such a verb counts; the check after parsing below
+        # stays the one that decides.)
+        from kata_agent.engine.sealed import reexec_sealed
+
+        reexec_sealed(["-m", "kata_agent.oci_cli", *argv])
+    args = build_parser(verb_of(argv)).parse_args(argv)
+    if args.verb in FORKING_VERBS:
+        from kata_agent.engine import syscalls as sc
+        from kata_agent.engine.sealed import reexec_sealed
+
+        reexec_sealed(["-m", "kata_agent.oci_cli", *argv])
         sc.Syscalls().prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
     preserved = grab_preserved(getattr(args, "preserve_fds", 0) or 0)
     setup_logging(args)
+    from kata_agent.engine.errors import EngineError
+
     try:
         return cmd(args, preserved)
     except EngineError as e:
-        log.debug("event=failed verb=%s error=%s", args.verb, e)
+        import logging
+
+        logging.getLogger(__name__).debug("event=failed verb=%s error=%s", args.verb, e)
         print(f"kata-oci: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -15,19 +15,19 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from kata_agent.engine import create as create_mod
-from kata_agent.engine import delete as delete_mod
-from kata_agent.engine import exec as exec_mod
-from kata_agent.engine import kill as kill_mod
-from kata_agent.engine import start as start_mod
 from kata_agent.engine import state as st_mod
 from kata_agent.engine.errors import EngineError, HostError, StateError
-from kata_agent.engine.process import LaunchRequest, LaunchResult, launch
-from kata_agent.engine.spec import Process, Spec
 from kata_agent.engine.state import ContainerState, StateStore
 from kata_agent.engine.syscalls import Syscalls
+
+if TYPE_CHECKING:
+    from kata_agent.engine.process import LaunchRequest, LaunchResult
+    from kata_agent.engine.spec import Process, Spec
+
+# Each verb's module loads when that verb runs: a ``kata-oci delete`` process never loads
+# the launcher, the spec parser or the rootfs code.
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class InProcessLauncher:
         if threading.active_count() != 1:
             # A fork of a threaded Python can deadlock on locks held by other threads.
             raise HostError("refusing to fork a multi-threaded process; use the zygote")
+        from kata_agent.engine.process import launch
+
         return launch(req, fds, self.syscalls)
 
 
@@ -88,6 +90,8 @@ class Engine:
         return cg
 
     def kill_pid(self, pid: int) -> None:
+        from kata_agent.engine import kill as kill_mod
+
         start = st_mod.pid_start_time(pid)
         if start is not None:
             kill_mod.signal_process(pid, start, signal.SIGKILL)
@@ -100,24 +104,34 @@ class Engine:
     def create(self, container_id: str, bundle: str | None, spec: Spec, *, stdio: Stdio,
                console_socket: str | None = None, pid_file: str | None = None,
                preserve_fds: Sequence[int] = (), no_pivot: bool = False) -> ContainerState:
+        from kata_agent.engine import create as create_mod
+
         return create_mod.create(self, container_id, bundle, spec, stdio=stdio,
                                  console_socket=console_socket, pid_file=pid_file,
                                  preserve_fds=preserve_fds, no_pivot=no_pivot)
 
     def start(self, container_id: str) -> None:
+        from kata_agent.engine import start as start_mod
+
         start_mod.start(self, container_id)
 
     def exec_process(self, container_id: str, process: Process, *, stdio: Stdio,
                      console_socket: str | None = None, pid_file: str | None = None,
                      preserve_fds: Sequence[int] = ()) -> int:
+        from kata_agent.engine import exec as exec_mod
+
         return exec_mod.exec_process(self, container_id, process, stdio=stdio,
                                      console_socket=console_socket, pid_file=pid_file,
                                      preserve_fds=preserve_fds)
 
     def kill(self, container_id: str, sig: int, all: bool = False) -> None:
+        from kata_agent.engine import kill as kill_mod
+
         kill_mod.kill(self, container_id, sig, all)
 
     def delete(self, container_id: str, force: bool = False) -> None:
+        from kata_agent.engine import delete as delete_mod
+
         delete_mod.delete(self, container_id, force)
 
     def state(self, container_id: str) -> ContainerState:

@@ -8,7 +8,7 @@ import logging
 import os
 import select
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kata_agent.engine import state as st_mod
 from kata_agent.engine.errors import HostError, StateError
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from kata_agent.engine.container import Engine
 
 log = logging.getLogger(__name__)
+
+_OPEN: Any = object()  # kill_and_wait: open the cgroup itself
 
 
 def open_pidfd(pid: int, start_time: int) -> int | None:
@@ -74,12 +76,19 @@ def kill(engine: Engine, container_id: str, sig: int, all: bool = False) -> None
     log.info("event=killed container=%s pid=%d signal=%d", container_id, cstate.pid, sig)
 
 
-def kill_and_wait(engine: Engine, cstate: st_mod.ContainerState, timeout: float = 10.0) -> None:
-    cg = engine.open_cgroup(cstate.cgroups_path, cstate.id, existing=True)
+def kill_and_wait(engine: Engine, cstate: st_mod.ContainerState, timeout: float = 10.0,
+                  cg: Any = _OPEN) -> None:
+    """SIGKILL everything in the container's cgroup and its init, and wait for the init.
+    ``cg``: the container's cgroup when the caller opened it already (None: it has none)."""
+    if cg is _OPEN:
+        cg = engine.open_cgroup(cstate.cgroups_path, cstate.id, existing=True)
     if cg is not None:
         with contextlib.suppress(OSError, HostError):
-            cg.kill_all(signal.SIGKILL)
-            cg.thaw()
+            # Nothing in it (the usual case after the workload exited) means nothing can
+            # fork in it either: skip the freeze-signal-thaw round.
+            if cg.procs():
+                cg.kill_all(signal.SIGKILL)
+                cg.thaw()
     signal_process(cstate.pid, cstate.pid_start_time, signal.SIGKILL)
     if not wait_gone(cstate.pid, cstate.pid_start_time, timeout):
         raise HostError(f"container {cstate.id!r} init {cstate.pid} did not exit")

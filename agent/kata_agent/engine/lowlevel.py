@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -48,7 +47,7 @@ BPF_PROG_DETACH = 9
 
 
 def _nr(index: int) -> int:
-    machine = platform.machine()
+    machine = os.uname().machine
     try:
         return _NR[machine][index]
     except KeyError:

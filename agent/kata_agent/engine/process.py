@@ -37,7 +37,6 @@ import os
 import signal
 import socket
 import struct
-import sys
 import termios
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,10 @@ from kata_agent import safe_path
 from kata_agent.engine import errors, mounts, namespaces
 from kata_agent.engine import syscalls as sc
 from kata_agent.engine.errors import EngineError, HostError, SpecError
+from kata_agent.engine.sealed import SEALED_NAME as SEALED_NAME
+from kata_agent.engine.sealed import reexec_sealed as reexec_sealed
+from kata_agent.engine.sealed import running_sealed as running_sealed
+from kata_agent.engine.sealed import sealed_interpreter_fd as sealed_interpreter_fd
 from kata_agent.engine.spec import Process, Spec
 
 log = logging.getLogger(__name__)
@@ -58,46 +61,6 @@ MSG_MAX = 1 << 20
 LAUNCH_STEP_TIMEOUT = 120.0
 TIOCGPTPEER = 0x5441
 TIOCSPTLCK = 0x40045431
-SEALED_NAME = "kata-engine"
-
-
-# ---------------------------------------------------------------- sealed interpreter
-
-def running_sealed() -> bool:
-    return os.readlink("/proc/self/exe").startswith(f"/memfd:{SEALED_NAME}")
-
-
-def sealed_interpreter_fd() -> int:
-    """A close-on-exec memfd holding a copy of our interpreter, sealed against writes."""
-    fd = os.memfd_create(SEALED_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        src = os.open("/proc/self/exe", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            size = os.fstat(src).st_size
-            off = 0
-            while off < size:
-                n = os.sendfile(fd, src, off, size - off)
-                if n == 0:
-                    break
-                off += n
-        finally:
-            os.close(src)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
-                    | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def reexec_sealed(argv: Sequence[str]) -> None:
-    """Replace this process with the same program run from a sealed interpreter copy
-    (no-op when already so). Must be called before any thread starts."""
-    if running_sealed():
-        return
-    fd = sealed_interpreter_fd()
-    # argv[0] stays the real interpreter path so Python finds its prefix and venv.
-    os.execve(fd, [sys.executable, *argv], dict(os.environ))
 
 
 # ---------------------------------------------------------------- requests and results
@@ -219,6 +182,7 @@ def launch(req: LaunchRequest, fds: Sequence[int], syscalls: sc.Syscalls | None 
     child.close()
     parent.settimeout(LAUNCH_STEP_TIMEOUT)
     init_pid = 0
+    ready = False
     console: int | None = None
     try:
         for path in req.cgroup_procs:
@@ -226,7 +190,8 @@ def launch(req: LaunchRequest, fds: Sequence[int], syscalls: sc.Syscalls | None 
             with open(path, "w") as f:
                 f.write(str(stage1))
         send_msg(parent, {"type": "go"})
-        while True:
+        # stage1 ("pid") and init ("ready") write to the same socket: either may come first.
+        while not (ready and init_pid):
             msg, got = recv_msg(parent, maxfds=1)
             if msg is None:
                 raise HostError("container process exited before it was ready")
@@ -241,7 +206,7 @@ def launch(req: LaunchRequest, fds: Sequence[int], syscalls: sc.Syscalls | None 
             elif t == "console" and got:
                 console = got[0]
             elif t == "ready":
-                break
+                ready = True
             elif t == "error":
                 raise error_from_data(msg)
             else:

@@ -11,18 +11,18 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kata_agent.engine.errors import SpecError
+from kata_agent.engine.ids import ID_RE as ID_RE
+from kata_agent.engine.ids import MAX_ID as MAX_ID
+from kata_agent.engine.ids import validate_id as validate_id
 
 MAX_ITEMS = 4096  # bound for every repeated field (mounts, env, args, devices...)
 MAX_STR = 65536  # bound for any single string
 MAX_PATH = 4096
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-MAX_ID = 128
 
 NAMESPACE_TYPES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
 MOUNT_TYPES = frozenset({
@@ -32,18 +32,6 @@ MOUNT_TYPES = frozenset({
     "9p", "virtiofs", "squashfs", "iso9660", "fuse",
 })
 DEVICE_TYPES = ("c", "b", "u", "p")
-
-
-def validate_id(container_id: object, field_name: str = "id") -> str:
-    """Container and exec ids: what runc accepts (and nothing that could name a path)."""
-    if not isinstance(container_id, str) or not container_id:
-        raise SpecError("must be a non-empty string", field=field_name)
-    if len(container_id) > MAX_ID:
-        raise SpecError(f"longer than {MAX_ID} characters", field=field_name)
-    if not ID_RE.fullmatch(container_id):
-        raise SpecError(f"invalid id {container_id!r}: must match {ID_RE.pattern}",
-                        field=field_name)
-    return container_id
 
 
 def _f(prefix: str, key: str) -> str:

@@ -9,9 +9,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from kata_agent.engine import state as st_mod
-from kata_agent.engine.create import run_hooks
 from kata_agent.engine.errors import HostError, StateError
-from kata_agent.engine.spec import Spec
 
 if TYPE_CHECKING:
     from kata_agent.engine.container import Engine
@@ -40,4 +38,8 @@ def start(engine: Engine, container_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(engine.store.exec_socket(container_id))
     log.info("event=started container=%s pid=%d", container_id, cstate.pid)
-    run_hooks(Spec.from_oci(cstate.config), ("poststart",), cstate)
+    if st_mod.has_hooks(cstate.config, "poststart"):
+        from kata_agent.engine.create import run_hooks
+        from kata_agent.engine.spec import Spec
+
+        run_hooks(Spec.from_oci(cstate.config), ("poststart",), cstate)

@@ -8,18 +8,16 @@ new CLI process. The init's pid is stored with its start time (field 22 of
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
-import shutil
-import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kata_agent.engine.errors import AlreadyExistsError, HostError, NotFoundError
-from kata_agent.engine.spec import validate_id
+from kata_agent.engine.ids import validate_id
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,9 @@ class ContainerState:
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC now with microseconds, e.g. 2024-05-01T10:00:00.123456Z (no datetime import)."""
+    sec, ns = divmod(time.time_ns(), 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns // 1000:06d}Z"
 
 
 def pid_start_time(pid: int) -> int | None:
@@ -117,7 +117,9 @@ class StateStore:
 
     def save(self, st: ContainerState) -> None:
         d = self.dir(st.id)
-        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=d)
+        tmp = os.path.join(d, f".state-{os.urandom(6).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(st.to_json(), f)
@@ -150,7 +152,24 @@ class StateStore:
                 yield n
 
     def remove(self, container_id: str) -> None:
-        shutil.rmtree(self.dir(container_id), ignore_errors=False)
+        """Remove the container's dir. It holds only files the engine wrote (state.json,
+        exec.sock), so no recursive walk is needed: each entry is unlinked through the
+        dir's fd (a symlink is removed, never followed; the dir itself must not be one)."""
+        d = self.dir(container_id)
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for name in os.listdir(dfd):
+                try:
+                    os.unlink(name, dir_fd=dfd)
+                except FileNotFoundError:
+                    continue
+                except IsADirectoryError:
+                    import shutil  # not something the engine made: remove it all the same
+
+                    shutil.rmtree(os.path.join(d, name))
+        finally:
+            os.close(dfd)
+        os.rmdir(d)
 
     def exec_socket(self, container_id: str) -> str:
         return os.path.join(self.dir(container_id), EXEC_SOCKET)
@@ -165,6 +184,13 @@ def live_status(store: StateStore, st: ContainerState, *, frozen: bool = False) 
     if os.path.exists(store.exec_socket(st.id)):
         return CREATED
     return RUNNING
+
+
+def has_hooks(config: Mapping[str, Any], key: str) -> bool:
+    """Whether the recorded config.json has hooks for the OCI phase ``key`` ("poststart",
+    "poststop"): the verbs that run them parse the spec only then."""
+    doc = config.get("hooks")
+    return isinstance(doc, Mapping) and bool(doc.get(key))
 
 
 def with_status(st: ContainerState, status: str) -> ContainerState:

@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING, Any
 
 from ..errors import HostError
 from .base import Cgroup, container_path
-from .stats import CgroupStats
 from .v1 import CgroupV1, find_hierarchies
 from .v2 import CgroupV2
+
+if TYPE_CHECKING:
+    from .stats import CgroupStats
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Cgroup", "CgroupStats", "CgroupV1", "CgroupV2", "detect", "open_cgroup"]
+
+
+def __getattr__(name: str) -> Any:
+    # The statistics types load when asked for: creating or deleting a cgroup needs none.
+    if name == "CgroupStats":
+        from .stats import CgroupStats
+
+        return CgroupStats
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def detect(root: str = "/sys/fs/cgroup") -> tuple[int, str | dict[str, str]]:

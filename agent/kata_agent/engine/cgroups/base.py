@@ -10,10 +10,13 @@ import re
 import signal
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from ..errors import HostError, SpecError
 from ..resources import LinuxResources
-from .stats import CgroupStats
+
+if TYPE_CHECKING:
+    from .stats import CgroupStats
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from ..errors import HostError, SpecError
 from ..resources import (
@@ -31,22 +32,18 @@ from .base import (
     wait_until,
     write_file,
 )
-from .stats import (
-    BlkioStatEntry,
-    BlkioStats,
-    CgroupStats,
-    CpuStats,
-    CpuUsage,
-    HugetlbStats,
-    MemoryData,
-    MemoryStats,
-    PidsStats,
-    ThrottlingData,
-    parse_blkio,
-    parse_flat_keyed,
-    parse_int,
-    parse_int_list,
-)
+
+if TYPE_CHECKING:
+    from .stats import (
+        BlkioStatEntry,
+        BlkioStats,
+        CgroupStats,
+        CpuStats,
+        HugetlbStats,
+        MemoryData,
+        MemoryStats,
+        PidsStats,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +157,8 @@ class CgroupV1(Cgroup):
         fn(d)
 
     def _apply_memory(self, d: str, m: Memory | None) -> None:
+        from .stats import parse_int
+
         assert m is not None
         if m.check_before_update and m.limit is not None and m.limit > 0:
             usage = parse_int(read_file(d, "memory.usage_in_bytes"))
@@ -183,6 +182,8 @@ class CgroupV1(Cgroup):
                                   "use_hierarchy deprecated")
 
     def _set_memory_and_swap(self, d: str, limit: int | None, swap: int | None) -> None:
+        from .stats import parse_int
+
         has_swap = os.path.exists(os.path.join(d, "memory.memsw.limit_in_bytes"))
         if swap is not None and swap != 0 and not has_swap:
             log.warning("swap accounting unavailable, memory+swap limit skipped")
@@ -204,6 +205,8 @@ class CgroupV1(Cgroup):
             write_file(d, "memory.memsw.limit_in_bytes", _neg_to_unlimited(swap))
 
     def _apply_cpu(self, d: str, c: Cpu) -> None:
+        from .stats import parse_int
+
         if c.shares:
             write_file(d, "cpu.shares", str(c.shares))
             got = parse_int(read_file(d, "cpu.shares"))
@@ -330,6 +333,8 @@ class CgroupV1(Cgroup):
     # --- statistics ---------------------------------------------------------------------
 
     def oom_kill_count(self) -> int:
+        from .stats import parse_flat_keyed
+
         d = self._dir("memory")
         if d is None:
             return 0
@@ -337,6 +342,8 @@ class CgroupV1(Cgroup):
         return parse_flat_keyed(text).get("oom_kill", 0)
 
     def stats(self) -> CgroupStats:
+        from .stats import CgroupStats, HugetlbStats
+
         hugetlb: dict[str, HugetlbStats] = {}
         hd = self._dir("hugetlb")
         if hd is not None:
@@ -358,6 +365,8 @@ class CgroupV1(Cgroup):
         )
 
     def _cpu_stats(self) -> CpuStats:
+        from .stats import CpuStats, CpuUsage, ThrottlingData, parse_flat_keyed, parse_int_list
+
         throttling = ThrottlingData()
         cd = self._dir("cpu")
         if cd is not None:
@@ -387,6 +396,8 @@ class CgroupV1(Cgroup):
         return CpuStats(cpu_usage=usage, throttling_data=throttling)
 
     def _memory_stats(self) -> MemoryStats:
+        from .stats import MemoryData, MemoryStats, parse_flat_keyed
+
         d = self._dir("memory")
         if d is None:
             return MemoryStats()
@@ -411,12 +422,16 @@ class CgroupV1(Cgroup):
         )
 
     def _pids_stats(self) -> PidsStats:
+        from .stats import PidsStats
+
         d = self._dir("pids")
         if d is None:
             return PidsStats()
         return PidsStats(current=_int(d, "pids.current"), limit=_int(d, "pids.max"))
 
     def _blkio_stats(self) -> BlkioStats:
+        from .stats import BlkioStats, parse_blkio
+
         d = self._dir("blkio")
         if d is None:
             return BlkioStats()
@@ -442,6 +457,8 @@ class CgroupV1(Cgroup):
 
 
 def _int(d: str, name: str) -> int:
+    from .stats import parse_int
+
     text = read_optional(d, name)
     if text is None:
         return 0

@@ -9,6 +9,7 @@ import re
 import signal
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from ..errors import HostError, SpecError
 from ..resources import (
@@ -30,21 +31,14 @@ from .base import (
     wait_until,
     write_file,
 )
-from .stats import (
-    BlkioStatEntry,
-    BlkioStats,
-    CgroupStats,
-    CpuStats,
-    CpuUsage,
-    HugetlbStats,
-    MemoryData,
-    MemoryStats,
-    PidsStats,
-    ThrottlingData,
-    parse_flat_keyed,
-    parse_int,
-    parse_nested_keyed,
-)
+
+if TYPE_CHECKING:
+    from .stats import (
+        BlkioStatEntry,
+        BlkioStats,
+        CgroupStats,
+        HugetlbStats,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +152,8 @@ class CgroupV2(Cgroup):
             self._apply_devices(res.devices)
 
     def _apply_memory(self, d: str, m: Memory) -> None:
+        from .stats import parse_int
+
         swap = memory_swap_to_v2(m.swap, m.limit)
         if m.check_before_update and m.limit is not None and m.limit > 0:
             usage = parse_int(read_file(d, "memory.current"))
@@ -255,6 +251,8 @@ class CgroupV2(Cgroup):
         return read_pids(self._dir)
 
     def _events(self) -> dict[str, int]:
+        from .stats import parse_flat_keyed
+
         return parse_flat_keyed(read_file(self._dir, "cgroup.events"))
 
     def freeze(self) -> None:
@@ -290,10 +288,24 @@ class CgroupV2(Cgroup):
     # --- statistics ---------------------------------------------------------------------
 
     def oom_kill_count(self) -> int:
+        from .stats import parse_flat_keyed
+
         text = read_optional(self._dir, "memory.events") or ""
         return parse_flat_keyed(text).get("oom_kill", 0)
 
     def stats(self) -> CgroupStats:
+        from .stats import (
+            CgroupStats,
+            CpuStats,
+            CpuUsage,
+            HugetlbStats,
+            MemoryData,
+            MemoryStats,
+            PidsStats,
+            ThrottlingData,
+            parse_flat_keyed,
+        )
+
         d = self._dir
         cpu = parse_flat_keyed(read_optional(d, "cpu.stat") or "")
         mem = parse_flat_keyed(read_optional(d, "memory.stat") or "")
@@ -346,6 +358,8 @@ class CgroupV2(Cgroup):
         )
 
     def _io_stats(self, d: str) -> BlkioStats:
+        from .stats import BlkioStatEntry, BlkioStats, parse_nested_keyed
+
         io = parse_nested_keyed(read_optional(d, "io.stat") or "")
         service_bytes: list[BlkioStatEntry] = []
         serviced: list[BlkioStatEntry] = []
@@ -366,6 +380,8 @@ class CgroupV2(Cgroup):
 
 
 def _int(d: str, name: str) -> int:
+    from .stats import parse_int
+
     text = read_optional(d, name)
     if text is None:
         return 0
