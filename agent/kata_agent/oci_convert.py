@@ -307,3 +307,70 @@ def spec_to_oci(spec: Any) -> dict[str, Any]:
 def spec_from_pb(spec: Any) -> Spec:
     """``grpc.Spec`` -> the engine's typed spec (validated)."""
     return Spec.from_oci(spec_to_oci(spec))
+
+
+# ------------------------------------------------------------------ OCI document -> grpc.Spec
+
+# OCI keys whose protobuf field is not the same name up to letter case.
+_RENAMED = {"ociVersion": "Version"}
+
+
+def spec_to_proto(doc: Mapping[str, Any], message: Any) -> list[str]:
+    """Fill ``message`` (an empty ``grpc.Spec``) from an OCI document (a bundle's config.json):
+    the reverse of ``spec_to_oci``, what a host runtime sends. OCI and agent.proto differ only in
+    letter case (``uidMappings``/``UIDMappings``) and ``ociVersion``. Returns the document's keys
+    the protocol has no field for (``process.user.umask``, ``linux.seccomp.flags``...), which
+    the caller may report; a value of the wrong type raises ``SpecError``."""
+    dropped: list[str] = []
+    _fill(doc, message, "", dropped)
+    return dropped
+
+
+def _fill(doc: Mapping[str, Any], message: Any, where: str, dropped: list[str]) -> None:
+    if not isinstance(doc, Mapping):
+        raise SpecError("expected an object", field=where or "spec")
+    fields = {f.name.lower(): f for f in message.DESCRIPTOR.fields}
+    for key, value in doc.items():
+        path = f"{where}.{key}" if where else str(key)
+        fd = fields.get(_RENAMED.get(key, str(key)).lower())
+        if fd is None:
+            dropped.append(path)
+            continue
+        if value is None:
+            continue
+        target = getattr(message, fd.name)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            target.update(_map(value, path) if isinstance(value, Mapping) else _bad(path))
+        elif fd.is_repeated:
+            if not isinstance(value, list):
+                raise SpecError("expected a list", field=path)
+            for i, item in enumerate(_count(value, path)):
+                if fd.message_type is not None:
+                    _fill(item, target.add(), f"{path}[{i}]", dropped)
+                else:
+                    target.append(_scalar(item, fd, f"{path}[{i}]"))
+        elif fd.message_type is not None:
+            _fill(value, target, path, dropped)
+        else:
+            setattr(message, fd.name, _scalar(value, fd, path))
+
+
+def _bad(path: str) -> dict[str, str]:
+    raise SpecError("expected an object", field=path)
+
+
+def _scalar(value: Any, fd: Any, path: str) -> Any:
+    kind = type(getattr(fd, "default_value", ""))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise SpecError("expected true or false", field=path)
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError("expected an integer", field=path)
+        return value
+    if not isinstance(value, str):
+        raise SpecError("expected a string", field=path)
+    if len(value) > MAX_STR:
+        raise SpecError(f"longer than {MAX_STR} characters", field=path)
+    return value

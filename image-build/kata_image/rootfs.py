@@ -196,7 +196,11 @@ def launcher_text() -> str:
     """/usr/bin/kata-agent: the console script for the guest's python3, shell-free for init=.
 
     As PID 1 it first makes the bare kernel environment usable (initmode) and guarantees a
-    power-off instead of a kernel panic whenever the agent returns or fails.
+    power-off instead of a kernel panic whenever the agent returns or fails. initmode's
+    ``waitpid(-1)`` reaper stays off: the agent forks its zygote single-threaded and collects
+    container exit statuses through pidfds (sandbox.Reaper) and its subprocesses' through
+    ``subprocess``; a catch-all reaper would take those statuses first. Orphans reach the
+    agent as they do in systemd mode, where it is the child subreaper of its tree.
     """
     scripts = project_metadata().get("scripts")
     assert isinstance(scripts, dict)
@@ -209,7 +213,7 @@ def launcher_text() -> str:
         "import sys\n"
         "if os.getpid() == 1:\n"
         "    from kata_agent import initmode\n"
-        "    initmode.setup_pid1()\n"
+        "    initmode.setup_pid1(start_reaper=False)\n"
         f"    from {module} import {func}\n"
         f"    initmode.run_as_init({func})\n"
         f"from {module} import {func}\n"
