@@ -160,7 +160,8 @@ class SerialListener:
             self._stop.wait(self.retry_delay)
 
 
-def _bind_unix(path: str, mode: int = 0o600) -> socket.socket:
+def bind_unix(path: str, mode: int = 0o600, backlog: int = 64) -> socket.socket:
+    """Listen on a unix socket at `path`, replacing a stale socket (only a socket)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -174,7 +175,7 @@ def _bind_unix(path: str, mode: int = 0o600) -> socket.socket:
     try:
         sock.bind(path)
         os.chmod(path, mode)
-        sock.listen(64)
+        sock.listen(backlog)
     except OSError:
         sock.close()
         raise
@@ -187,7 +188,7 @@ class UnixSerialListener:
     def __init__(self, path: str, backend: str) -> None:
         self.path = path
         self.backend = backend
-        self._sock = _bind_unix(path)
+        self._sock = bind_unix(path)
         self._stop = threading.Event()
         self._bridges: set[YamuxBridge] = set()
         self._lock = threading.Lock()

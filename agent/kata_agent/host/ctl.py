@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from kata_agent.channel import ChannelError
 from kata_agent.host.client import AddressError, AgentClient, parse_address
 from kata_agent.protocol import names
 
@@ -161,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return run(args)
-    except (UsageError, AddressError) as err:
+    except (UsageError, AddressError, ChannelError) as err:
         print(f"kata-agent-ctl: {err}", file=sys.stderr)
         return EXIT_USAGE
     except grpc.RpcError as err:

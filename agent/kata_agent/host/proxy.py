@@ -11,28 +11,14 @@ import contextlib
 import logging
 import os
 import socket
-import stat
 import threading
 from collections.abc import Sequence
 
 from kata_agent.bridge import CloseReason, YamuxBridge
+from kata_agent.channel import bind_unix
 from kata_agent.host.client import HEARTBEAT_INTERVAL
 
 log = logging.getLogger(__name__)
-
-
-def _listen(path: str) -> socket.socket:
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(128)
-    return sock
 
 
 class Proxy:
@@ -43,7 +29,7 @@ class Proxy:
         self._transport = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._transport.connect(serial_path)
         self._transport.setblocking(False)
-        self._listeners = [_listen(p) for p in self.listen_paths]
+        self._listeners = [bind_unix(p, backlog=128) for p in self.listen_paths]
         self.bridge = YamuxBridge(
             self._transport.fileno(), "client", ping_interval=HEARTBEAT_INTERVAL, name="proxy"
         )
