@@ -1,0 +1,1 @@
+"""Helpers for the reliability suite (soak, faults, output integrity)."""
