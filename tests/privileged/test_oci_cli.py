@@ -680,3 +680,39 @@ def test_runs_the_bundle_runc_spec_generates(rt: Runtime, tmp_path: Path) -> Non
     r = rt.cli("run", "--bundle", str(bundle), rt.new_id("runcspec"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["CapAmb:", "0000000000000000"]
+
+
+def test_echo_hello_with_every_namespace_and_memory_and_pids_limits(rt: Runtime) -> None:
+    """The issue's acceptance run on this host's cgroup v1: limits read back from the
+    cgroup files before start, and the pids limit felt from inside the container."""
+    if not (os.path.isdir(f"{CGROUP_ROOT}/memory") and os.path.isdir(f"{CGROUP_ROOT}/pids")):
+        pytest.skip("host capability missing: cgroup v1 memory and pids controllers")
+    limit, pids = 64 * 1024 * 1024, 12
+
+    def limits(spec: dict[str, Any]) -> None:
+        spec["linux"]["namespaces"] = [{"type": t} for t in
+                                       ("pid", "mount", "uts", "ipc", "network", "cgroup")]
+        spec["linux"]["resources"] = {"memory": {"limit": limit}, "pids": {"limit": pids}}
+    # Inside: a subshell starts 30 sleepers and dies at the first fork the limit refuses;
+    # then the processes of the container's PID namespace are counted with builtins only
+    # (no fork is left to spend).
+    script = ("echo hello; (i=0; while [ $i -lt 30 ]; do sleep 5 & i=$((i+1)); done) "
+              "2>/dev/null; set -- /proc/[0-9]*; echo $#; kill -9 -1")
+    b = rt.bundle(["sh", "-c", script], limits)
+    cid = rt.new_id("limits")
+    created = rt.cli("create", "--bundle", str(b), cid)
+    assert created.returncode == 0, created.stderr
+    # The container keeps the stdout file of the create call.
+    container_out = rt.base / f"out{rt.n}"
+    mem_dir = next(d for d in cgroup_dirs(cid) if "/memory/" in d)
+    pids_dir = next(d for d in cgroup_dirs(cid) if "/pids/" in d)
+    assert int(Path(mem_dir, "memory.limit_in_bytes").read_text()) == limit
+    assert int(Path(pids_dir, "pids.max").read_text()) == pids
+    init = rt.state(cid)["pid"]
+    for ns in ("pid", "mnt", "uts", "ipc", "net", "cgroup"):
+        assert os.readlink(f"/proc/{init}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    assert rt.cli("start", cid).returncode == 0
+    wait_until(lambda: rt.state(cid)["status"] == "stopped", what="container exit")
+    lines = container_out.read_text().split()
+    assert lines[0] == "hello"
+    assert 1 < int(lines[1]) <= pids, lines
