@@ -26,14 +26,16 @@ log = logging.getLogger(__name__)
 
 PROC_SUPER_MAGIC = 0x9FA0
 
-_SET = {
+# Mount option words (mount(8) names) and the flags they set or clear; storage mounts
+# parse their options with the same tables.
+SET_FLAGS = {
     "ro": sc.MS_RDONLY, "nosuid": sc.MS_NOSUID, "nodev": sc.MS_NODEV, "noexec": sc.MS_NOEXEC,
     "sync": sc.MS_SYNCHRONOUS, "dirsync": sc.MS_DIRSYNC, "mand": sc.MS_MANDLOCK,
     "noatime": sc.MS_NOATIME, "nodiratime": sc.MS_NODIRATIME, "relatime": sc.MS_RELATIME,
     "strictatime": sc.MS_STRICTATIME, "remount": sc.MS_REMOUNT, "bind": sc.MS_BIND,
     "rbind": sc.MS_BIND | sc.MS_REC, "nosymfollow": sc.MS_NOSYMFOLLOW, "lazytime": sc.MS_LAZYTIME,
 }
-_CLEAR = {
+CLEAR_FLAGS = {
     "rw": sc.MS_RDONLY, "suid": sc.MS_NOSUID, "dev": sc.MS_NODEV, "exec": sc.MS_NOEXEC,
     "async": sc.MS_SYNCHRONOUS, "nomand": sc.MS_MANDLOCK, "atime": sc.MS_NOATIME,
     "diratime": sc.MS_NODIRATIME, "norelatime": sc.MS_RELATIME,
@@ -79,10 +81,10 @@ class MountOptions:
         prop: list[int] = []
         data: list[str] = []
         for o in options:
-            if o in _SET:
-                flags |= _SET[o]
-            elif o in _CLEAR:
-                flags &= ~_CLEAR[o]
+            if o in SET_FLAGS:
+                flags |= SET_FLAGS[o]
+            elif o in CLEAR_FLAGS:
+                flags &= ~CLEAR_FLAGS[o]
             elif o in PROPAGATION:
                 prop.append(PROPAGATION[o])
             else:

@@ -9,68 +9,27 @@ from collections.abc import Iterable, Sequence
 
 from kata_agent.engine import syscalls as sc
 from kata_agent.engine.errors import SpecError
+from kata_agent.engine.mounts import CLEAR_FLAGS, PROPAGATION, SET_FLAGS
 
 MAX_OPTIONS = 64
 MAX_OPTION_LEN = 4096
 MAX_PATH_LEN = 4096
 MAX_SOURCE_LEN = 4096
 
+# The container engine's option words, plus a few that only filesystem mounts use.
 FLAG_WORDS: dict[str, int] = {
-    "defaults": 0,
-    "rw": 0,
-    "ro": sc.MS_RDONLY,
-    "suid": 0,
-    "nosuid": sc.MS_NOSUID,
-    "dev": 0,
-    "nodev": sc.MS_NODEV,
-    "exec": 0,
-    "noexec": sc.MS_NOEXEC,
-    "async": 0,
-    "sync": sc.MS_SYNCHRONOUS,
-    "dirsync": sc.MS_DIRSYNC,
-    "remount": sc.MS_REMOUNT,
-    "mand": sc.MS_MANDLOCK,
-    "nomand": 0,
-    "atime": 0,
-    "noatime": sc.MS_NOATIME,
-    "diratime": 0,
-    "nodiratime": sc.MS_NODIRATIME,
-    "bind": sc.MS_BIND,
-    "rbind": sc.MS_BIND | sc.MS_REC,
-    "relatime": sc.MS_RELATIME,
-    "norelatime": 0,
-    "strictatime": sc.MS_STRICTATIME,
-    "lazytime": sc.MS_LAZYTIME,
+    **dict.fromkeys(CLEAR_FLAGS, 0),
+    **SET_FLAGS,
     "silent": sc.MS_SILENT,
     "loud": 0,
     "acl": 1 << 16,  # MS_POSIXACL
     "iversion": 1 << 23,  # MS_I_VERSION
-    "nosymfollow": sc.MS_NOSYMFOLLOW,
 }
 
 # Flag words that turn off a flag another word may have set.
-CLEAR_WORDS: dict[str, int] = {
-    "rw": sc.MS_RDONLY,
-    "suid": sc.MS_NOSUID,
-    "dev": sc.MS_NODEV,
-    "exec": sc.MS_NOEXEC,
-    "async": sc.MS_SYNCHRONOUS,
-    "nomand": sc.MS_MANDLOCK,
-    "atime": sc.MS_NOATIME,
-    "diratime": sc.MS_NODIRATIME,
-    "norelatime": sc.MS_RELATIME,
-}
+CLEAR_WORDS: dict[str, int] = CLEAR_FLAGS
 
-PROPAGATION_WORDS: dict[str, int] = {
-    "private": sc.MS_PRIVATE,
-    "rprivate": sc.MS_PRIVATE | sc.MS_REC,
-    "shared": sc.MS_SHARED,
-    "rshared": sc.MS_SHARED | sc.MS_REC,
-    "slave": sc.MS_SLAVE,
-    "rslave": sc.MS_SLAVE | sc.MS_REC,
-    "unbindable": sc.MS_UNBINDABLE,
-    "runbindable": sc.MS_UNBINDABLE | sc.MS_REC,
-}
+PROPAGATION_WORDS: dict[str, int] = PROPAGATION
 
 # Storage mounts create new filesystems; these would instead re-mount, bind or move an
 # existing guest path (a bind of /etc into a container volume, a remount of /).
