@@ -512,3 +512,8 @@ def test_v1_kill_all_keeps_a_paused_container_paused(
     assert sent == [(11, signal.SIGTERM)] and v1.is_frozen()
     v1.kill_all(signal.SIGKILL)
     assert sent[-1] == (11, signal.SIGKILL) and not v1.is_frozen()
+
+
+def test_container_path_rejects_an_id_with_a_trailing_newline() -> None:
+    with pytest.raises(SpecError):
+        container_path("", "c1\n")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from ..errors import HostError, SpecError
+from ..ids import validate_id
 from ..resources import LinuxResources
 
 if TYPE_CHECKING:
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,254}$")
 _SYSTEMD_PART = re.compile(r"^[A-Za-z0-9_.@+-]*$")
 
 FREEZE_TIMEOUT = 10.0
@@ -47,8 +47,7 @@ def _systemd_to_path(cgroups_path: str) -> str:
 def container_path(cgroups_path: str, container_id: str) -> str:
     """The cgroup path of a container, relative to each hierarchy's root, as "/a/b"."""
     # The id becomes a directory name: it must be a single safe component.
-    if not _ID.match(container_id):
-        raise SpecError(f"invalid container id {container_id!r}", field="id")
+    validate_id(container_id, "id")
     if "\0" in cgroups_path:
         raise SpecError("NUL byte in cgroups path", field="linux.cgroupsPath")
     if not cgroups_path:
