@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from typing import IO, Any, Literal
 import grpc
 
 from kata_agent.engine.errors import SpecError
+from kata_agent.engine.ids import validate_id
 from kata_agent.host.client import AgentClient
 from kata_agent.host.vm import ARCHES, VM, Arch, VMError, resolve_accel
 from kata_agent.oci_convert import spec_to_proto
@@ -61,7 +61,6 @@ RPC_TIMEOUT = 120.0
 # Output still buffered in the guest when the process exits arrives within this time.
 DRAIN_TIMEOUT = 30.0
 _HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 
 
 class RunError(Exception):
@@ -425,8 +424,10 @@ class ConsoleTail:
 def run(opts: RunOptions, *, workdir: Path | None = None, capture: bool = False,
         stdout: IO[bytes] | None = None, stderr: IO[bytes] | None = None) -> RunResult:
     """Boot, run the container, shut down. Raises RunError (QEMU stopped unless keep)."""
-    if not _ID.fullmatch(opts.container_id):
-        raise RunError(f"container id {opts.container_id!r} is not valid")
+    try:
+        validate_id(opts.container_id, "id")
+    except SpecError as bad:
+        raise RunError(f"container id {opts.container_id!r} is not valid: {bad}") from None
     own_workdir = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="kata-vm-run-"))
     share = work / "share"
