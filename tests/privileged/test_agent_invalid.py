@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from kata_agent.protocol import agent_pb2
 
 from tests.privileged.test_agent_lifecycle import (
@@ -17,22 +15,9 @@ from tests.privileged.test_agent_lifecycle import (
     create_sandbox,
     make_rootfs,
     process_pb,
-    require_tools,
 )
 
 S = grpc.StatusCode
-
-
-@pytest.fixture
-def guest(tmp_path: Path) -> Iterator[GuestAgent]:
-    require_tools()
-    g = GuestAgent(tmp_path)
-    try:
-        g.start()
-        yield g
-    finally:
-        code = g.stop()
-    assert code == 0, g.log_text()
 
 
 def expect(guest: GuestAgent, code: grpc.StatusCode, method: str, request: Any) -> None:

@@ -148,18 +148,6 @@ class GuestAgent:
         return self.proc.returncode
 
 
-@pytest.fixture
-def guest(tmp_path: Path) -> Iterator[GuestAgent]:
-    require_tools()
-    g = GuestAgent(tmp_path)
-    try:
-        g.start()
-        yield g
-    finally:
-        code = g.stop()
-    assert code == 0, g.log_text()
-
-
 def make_rootfs(guest: GuestAgent, cid: str) -> str:
     """A busybox rootfs in the shared directory; returns its guest path."""
     root = guest.tmp / "shared" / cid / "rootfs"

@@ -11,7 +11,7 @@ import hashlib
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +20,10 @@ from kata_agent.engine.container import Engine, Stdio
 from kata_agent.engine.errors import SpecError
 from kata_agent.engine.spec import Spec, default_spec
 
-from tests.privileged.test_oci_cli import Runtime, cgroup_dirs, host_mounts_mention
+from tests.privileged.test_oci_cli import Runtime, host_mounts_mention
 
 STRONG_CAPS = ["CAP_SYS_PTRACE", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER",
                "CAP_KILL", "CAP_CHOWN"]
-
-
-@pytest.fixture
-def rt(tmp_path: Path) -> Iterator[Runtime]:
-    r = Runtime(tmp_path)
-    yield r
-    for cid in r.ids:
-        r.cli("delete", "--force", cid)
-    for cid in r.ids:
-        assert not (r.root / cid).exists(), f"state of {cid} left behind"
-        assert cgroup_dirs(cid) == [], f"cgroup of {cid} left behind"
 
 
 def with_caps(caps: list[str]) -> Any:

@@ -108,17 +108,6 @@ def host_mounts_mention(path: Path) -> bool:
         return str(path) in f.read()
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Iterator[Runtime]:
-    r = Runtime(tmp_path)
-    yield r
-    for cid in r.ids:
-        r.cli("delete", "--force", cid)
-    for cid in r.ids:
-        assert not (r.root / cid).exists(), f"state of {cid} left behind"
-        assert cgroup_dirs(cid) == [], f"cgroup of {cid} left behind"
-
-
 def test_run_echo_hello(rt: Runtime) -> None:
     b = rt.bundle(["echo", "hello"])
     cid = rt.new_id("hello")

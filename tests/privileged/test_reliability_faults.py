@@ -25,15 +25,12 @@ from tests.privileged.test_agent_lifecycle import (
     container_spec,
     create_container,
     create_sandbox,
-    guest,
     make_rootfs,
     read_all,
     read_until,
 )
 from tests.reliability.budget import flood_seconds
 from tests.reliability.gauge import rss_bytes, threads_in_poll
-
-__all__ = ["guest"]
 
 log = logging.getLogger(__name__)
 OOM_STATUS = 128 + signal.SIGKILL

@@ -20,14 +20,11 @@ from tests.privileged.test_agent_lifecycle import (
     cgroup_dirs,
     create_container,
     create_sandbox,
-    guest,
     make_rootfs,
     process_pb,
     read_all,
 )
 from tests.reliability.budget import output_runs
-
-__all__ = ["guest"]
 
 log = logging.getLogger(__name__)
 PATTERN_SIZE = 1 << 20

@@ -20,7 +20,6 @@ from tests.privileged.test_agent_lifecycle import (
     cgroup_dirs,
     create_container,
     create_sandbox,
-    guest,
     read_all,
 )
 from tests.reliability.budget import soak_cycles
@@ -31,8 +30,6 @@ from tests.reliability.gauge import (
     thread_count,
     thread_names,
 )
-
-__all__ = ["guest"]
 
 log = logging.getLogger(__name__)
 WARM_UP = 5

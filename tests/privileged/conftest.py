@@ -1,0 +1,36 @@
+"""Fixtures shared by the privileged tests: a real agent, and a kata-oci state root."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.privileged.test_agent_lifecycle import GuestAgent, require_tools
+from tests.privileged.test_oci_cli import Runtime, cgroup_dirs
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> Iterator[GuestAgent]:
+    """An agent in its own namespaces with a connected client; it must stop cleanly."""
+    require_tools()
+    g = GuestAgent(tmp_path)
+    try:
+        g.start()
+        yield g
+    finally:
+        code = g.stop()
+    assert code == 0, g.log_text()
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Iterator[Runtime]:
+    """A kata-oci state root; every container created through it is gone afterwards."""
+    r = Runtime(tmp_path)
+    yield r
+    for cid in r.ids:
+        r.cli("delete", "--force", cid)
+    for cid in r.ids:
+        assert not (r.root / cid).exists(), f"state of {cid} left behind"
+        assert cgroup_dirs(cid) == [], f"cgroup of {cid} left behind"
