@@ -45,7 +45,10 @@ class AgentProcess:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # A service manager of the test run's own must not receive this agent's fds.
+            env={**{k: v for k, v in os.environ.items()
+                    if k != "NOTIFY_SOCKET" and not k.startswith("LISTEN_")},
+                 "PYTHONUNBUFFERED": "1"},
         )
 
     def log_text(self) -> str:

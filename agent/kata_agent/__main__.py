@@ -73,13 +73,20 @@ def private_backend(runtime_dir: str) -> str:
     """
     os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
     os.chmod(runtime_dir, 0o700)
+    for name in os.listdir(runtime_dir):
+        # Left by an agent that did not stop cleanly (one agent per runtime dir).
+        if name.startswith("grpc-"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(runtime_dir, name, "agent.sock"))
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(runtime_dir, name))
     private = tempfile.mkdtemp(prefix="grpc-", dir=runtime_dir)
     return os.path.join(private, "agent.sock")
 
 
 def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
     # Imported here so that `--help` and config errors stay fast.
-    from kata_agent import channel, debug_console, server
+    from kata_agent import channel, debug_console, persist, sdnotify, server
     from kata_agent.engine import syscalls as sc
     from kata_agent.engine.zygote import ZygoteLauncher
     from kata_agent.policy import PolicyError, load_optional
@@ -97,13 +104,24 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
     # Container inits become our children once their launcher exits, so their exit
     # statuses reach us; set before the zygote starts so its children inherit it.
     sc.Syscalls().prctl(PR_SET_CHILD_SUBREAPER, 1)
+    # Under systemd: the stdio of containers a previous agent ran, kept in the unit's fd
+    # store, and the journal that says whose they are.
+    stored = sdnotify.listen_fds()
+    notifier = sdnotify.Notifier.from_env()
+    keeper = (persist.Keeper(os.path.join(runtime_dir, "sandbox.json"), notifier)
+              if notifier.enabled else None)
+    for fds in stored.values() if keeper is None else ():
+        for fd in fds:
+            os.close(fd)
     if threading.active_count() != 1:
         # The zygote must be forked from a single-threaded process.
         log.error("threads running before the zygote count=%d", threading.active_count())
         return 1
     zygote = ZygoteLauncher.start()
     state_root = os.path.join(runtime_dir, "containers")
-    services = build_services(cfg, launcher=zygote, state_root=state_root, policy=policy)
+    os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+    services = build_services(cfg, launcher=zygote, state_root=state_root, policy=policy,
+                              keeper=keeper, stored_fds=stored)
     grpc_server = server.build_server(services)
     if cfg.channel.kind == "unix":
         address = f"unix:{cfg.channel.path}"
@@ -122,6 +140,7 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
         listener.start()
     consoles = debug_console.start(cfg)
     log.info("agent ready version=%s channel=%s pid=%d", __version__, cfg.channel, os.getpid())
+    notifier.ready()
     stop.wait()
     log.info("agent stopping")
     for console in consoles:
@@ -131,6 +150,9 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
     grpc_server.stop(grace=1.0).wait()
     close_services(services)
     zygote.close()
+    if keeper is not None:
+        keeper.clear()  # stopped on purpose: nothing is left to take back
+    notifier.close()
     with contextlib.suppress(OSError):
         os.rmdir(state_root)  # only when empty: state of live containers stays
     if backend:

@@ -126,6 +126,12 @@ class _SharedFd:
     def closed(self) -> bool:
         return self._closing
 
+    @property
+    def fd(self) -> int:
+        """The fd while it is open, else -1."""
+        with self._lock:
+            return -1 if self._closing else self._fd
+
     def _maybe_close(self) -> None:
         if self._closing and self._users == 0 and self._fd >= 0:
             os.close(self._fd)
@@ -353,6 +359,35 @@ class ProcessIO:
         return cls(stdin=InputStream(shared, tty=True),
                    stdout=OutputStream(shared, "stdout", tty=True), stderr=None,
                    shared=(shared,), tty_fd=shared)
+
+    @classmethod
+    def from_fds(cls, stdin: int, stdout: int, stderr: int) -> ProcessIO:
+        """Streams over pipe ends this object takes over (an agent restart gets them back
+        from the service manager); -1 stands for one already closed: stdin then refuses
+        writes, an output stream reads as finished."""
+        def ready(fd: int, *, read_end: bool) -> int:
+            if fd >= 0:
+                os.set_inheritable(fd, False)
+                return fd
+            r, w = os.pipe2(os.O_CLOEXEC)
+            os.close(w if read_end else r)
+            return r if read_end else w
+        s_in = _SharedFd(ready(stdin, read_end=False))
+        s_out = _SharedFd(ready(stdout, read_end=True))
+        s_err = _SharedFd(ready(stderr, read_end=True))
+        io = cls(stdin=InputStream(s_in), stdout=OutputStream(s_out, "stdout"),
+                 stderr=OutputStream(s_err, "stderr"), shared=(s_in, s_out, s_err))
+        if stdin < 0:
+            io.stdin.close()
+        return io
+
+    def host_fds(self) -> dict[str, int]:
+        """The agent's side, by kind (for the fd store): a terminal's master, or the three
+        pipe ends still open."""
+        if self._tty is not None:
+            return {"tty": self._tty.fd}
+        out = {"stdin": self._all[0].fd, "stdout": self._all[1].fd, "stderr": self._all[2].fd}
+        return {k: v for k, v in out.items() if v >= 0}
 
     def output(self, name: str) -> OutputStream | None:
         return self.stdout if name == "stdout" else self.stderr

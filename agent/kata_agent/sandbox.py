@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from kata_agent import network
+from kata_agent.engine import state as sc_state
 from kata_agent.engine import syscalls as sc
 from kata_agent.engine.container import Engine, Stdio
 from kata_agent.engine.errors import (
@@ -50,6 +51,7 @@ from kata_agent.engine.resources import LinuxResources
 from kata_agent.engine.spec import Process, Spec, validate_id
 from kata_agent.engine.state import STOPPED
 from kata_agent.iostreams import Cancelled, Canceller, ProcessIO
+from kata_agent.persist import Keeper
 from kata_agent.policy import Policy
 from kata_agent.storage import StorageManager
 from kata_agent.storage.spec import DeviceSpec, MountHandle, StorageSpec
@@ -159,7 +161,7 @@ class ExitWatch:
         with self._lock:
             self.status = status
             wakers, self._wakers = self._wakers, []
-            if self._released:
+            if self._released and self.pidfd >= 0:
                 os.close(self.pidfd)  # released while running: the fd was ours to close
         for cb in wakers:
             cb()
@@ -200,7 +202,7 @@ class ExitWatch:
         with self._lock:
             if not self._released:
                 self._released = True
-                if self.status is not None:
+                if self.status is not None and self.pidfd >= 0:
                     os.close(self.pidfd)
 
 
@@ -222,8 +224,10 @@ class Reaper:
         self._stopping = False
 
     def watch(self, pid: int) -> ExitWatch:
-        pidfd = os.pidfd_open(pid)
-        w = ExitWatch(pid, pidfd)
+        return self._add(ExitWatch(pid, os.pidfd_open(pid)))
+
+    def _add(self, w: ExitWatch) -> ExitWatch:
+        pidfd = w.pidfd
         with self._lock:
             self._watches[pidfd] = w
             if self._thread is None:
@@ -231,6 +235,23 @@ class Reaper:
                 self._thread.start()
         os.eventfd_write(self._wake, 1)
         return w
+
+    def adopt(self, pid: int, start_time: int) -> ExitWatch:
+        """Watch a process a previous agent started (after a restart): it is not our
+        child, so its exit status goes to whoever reaps it and is reported as 255."""
+        try:
+            pidfd = os.pidfd_open(pid) if sc_state.pid_alive(pid, start_time) else -1
+        except ProcessLookupError:
+            pidfd = -1
+        if pidfd >= 0 and not sc_state.pid_alive(pid, start_time):
+            os.close(pidfd)  # the pid was reused between the check and the open
+            pidfd = -1
+        if pidfd < 0:
+            w = ExitWatch(pid, -1)
+            log.warning("event=exit_status_lost pid=%d reason=exited_during_restart", pid)
+            w._set(255)
+            return w
+        return self._add(ExitWatch(pid, pidfd))
 
     def _run(self) -> None:
         while True:
@@ -287,13 +308,29 @@ class Reaper:
 class PauseProcess:
     """Owner of the sandbox's shared namespaces (see ``pause_main``)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], pid: int) -> None:
-        self._proc = proc
+    def __init__(self, proc: subprocess.Popen[bytes] | None, pid: int, pidfd: int) -> None:
+        self._proc = proc  # None: adopted after an agent restart, not our child
         self.pid = pid
-        self._pidfd = os.pidfd_open(pid)
+        self._pidfd = pidfd
+        self.start_time = sc_state.pid_start_time(pid) or 0
 
     @classmethod
-    def start(cls, *, new_pid: bool, hostname: str) -> PauseProcess:
+    def adopt(cls, pid: int, start_time: int) -> PauseProcess | None:
+        """The holder a previous agent started, if it still runs."""
+        if not sc_state.pid_alive(pid, start_time):
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+        if not sc_state.pid_alive(pid, start_time):
+            os.close(pidfd)
+            return None
+        return cls(None, pid, pidfd)
+
+    @classmethod
+    def start(cls, *, new_pid: bool, hostname: str, outlive_agent: bool = False
+              ) -> PauseProcess:
         from kata_agent.engine import process as proc_mod
 
         flags = sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | (sc.CLONE_NEWPID if new_pid else 0)
@@ -302,7 +339,8 @@ class PauseProcess:
             # A fresh exec from a sealed copy of the interpreter: containers that share
             # its PID namespace never reach the host's python binary through /proc/1/exe.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "kata_agent.sandbox", "pause", str(flags), hostname],
+                [sys.executable, "-m", "kata_agent.sandbox", "pause", str(flags), hostname,
+                 "outlive" if outlive_agent else "with-agent"],
                 executable=f"/proc/self/fd/{exe}", pass_fds=(exe,), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, close_fds=True,
             )
@@ -319,23 +357,29 @@ class PauseProcess:
         finally:
             proc.stdout.close()
         log.info("event=pause_started pid=%d pidns=%s", pid, new_pid)
-        return cls(proc, pid)
+        return cls(proc, pid, os.pidfd_open(pid))
 
     def ns_path(self, kind: str) -> str:
         return f"/proc/{self.pid}/ns/{kind}"
 
     def alive(self) -> bool:
-        return self._proc.poll() is None
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return not select.select([self._pidfd], [], [], 0)[0]
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        # Not our child (adopted): its pidfd turns readable when it is gone.
+        if self._proc is None and not select.select([self._pidfd], [], [], 10)[0]:
+            log.error("event=pause_stop_timeout pid=%d", self.pid)
         os.close(self._pidfd)
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
         log.info("event=pause_stopped pid=%d", self.pid)
 
 
@@ -359,11 +403,16 @@ def _read_line(fd: int, timeout: float) -> str:
 
 
 def pause_main(argv: Sequence[str]) -> int:
-    """``python -m kata_agent.sandbox pause FLAGS HOSTNAME``: unshare the namespaces, fork
-    the holder (pid 1 of the new PID namespace when asked), print its pid, wait for it."""
+    """``python -m kata_agent.sandbox pause FLAGS HOSTNAME [outlive|with-agent]``: unshare
+    the namespaces, fork the holder (pid 1 of the new PID namespace when asked), print its
+    pid, wait for it. It dies with the agent unless it must outlive it (the agent keeps its
+    containers across restarts)."""
     flags, hostname = int(argv[0]), argv[1] if len(argv) > 1 else ""
+    outlive = len(argv) > 2 and argv[2] == "outlive"
     syscalls = sc.Syscalls()
-    syscalls.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    # Not PR_SET_PDEATHSIG: it fires when the agent *thread* that started us ends, and
+    # the agent's RPC threads come and go. The agent process itself is watched below.
+    agent = -1 if outlive else os.pidfd_open(os.getppid())
     syscalls.unshare(flags)
     if hostname:
         syscalls.sethostname(hostname)
@@ -387,6 +436,10 @@ def pause_main(argv: Sequence[str]) -> int:
             signal.sigwait([signal.SIGCHLD])
     os.write(1, f"{pid}\n".encode())
     os.close(1)
+    holder = os.pidfd_open(pid)
+    ready = select.select([holder] + ([agent] if agent >= 0 else []), [], [])[0]
+    if holder not in ready:
+        return 0  # the agent is gone: the holder dies with us (its PDEATHSIG)
     os.waitpid(pid, 0)
     return 0
 
@@ -534,10 +587,19 @@ class ProcessEntry:
     watch: ExitWatch
     io: ProcessIO
     init: bool = False
+    start_time: int = 0
+    key: str = ""  # its stdio's name in the service manager's fd store ("": not stored)
 
-    def release(self) -> None:
+    def release(self, keeper: Keeper | None = None) -> None:
+        if keeper is not None and self.key:
+            keeper.drop_stdio(self.key)
         self.io.close()
         self.watch.release()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"exec_id": self.exec_id, "pid": self.pid, "start": self.start_time,
+                "init": self.init, "key": self.key, "tty": self.io.terminal,
+                "stdin_closed": self.io.stdin.closed}
 
 
 @dataclass(slots=True)
@@ -559,8 +621,10 @@ class Sandbox:
 
     def __init__(self, engine: Engine, storage: StorageManager, *, pipe_size: int = 0,
                  paths: SandboxPaths | None = None, syscalls: sc.Syscalls | None = None,
-                 drain_grace: float = DRAIN_GRACE, policy: Policy | None = None) -> None:
+                 drain_grace: float = DRAIN_GRACE, policy: Policy | None = None,
+                 keeper: Keeper | None = None) -> None:
         self.engine = engine
+        self.keeper = keeper
         self.policy = policy or Policy.allow_all()
         self.storage = storage
         self.pipe_size = pipe_size
@@ -573,6 +637,7 @@ class Sandbox:
         self._containers: dict[str, ContainerEntry] = {}
         self.created = False
         self.sandbox_id = ""
+        self.hostname = ""
         self._pause: PauseProcess | None = None
         self._sandbox_pidns = False
         self._storages: list[MountHandle] = []
@@ -602,14 +667,17 @@ class Sandbox:
                     except EngineError as e:
                         e.field = f"storages[{i}].{e.field}" if e.field else f"storages[{i}]"
                         raise
-                pause = PauseProcess.start(new_pid=req.sandbox_pidns, hostname=req.hostname)
+                pause = PauseProcess.start(new_pid=req.sandbox_pidns, hostname=req.hostname,
+                                           outlive_agent=self.keeper is not None)
                 undo.pop_all()
             self._pause = pause
             self._sandbox_pidns = req.sandbox_pidns
             self._storages = handles
             self._guest_hooks = hooks
             self.sandbox_id = req.sandbox_id
+            self.hostname = req.hostname
             self.created = True
+            self._persist()
         log.info("event=sandbox_created id=%s pidns=%s storages=%d", req.sandbox_id,
                  req.sandbox_pidns, len(handles))
 
@@ -640,6 +708,7 @@ class Sandbox:
             self._guest_hooks = {}
             self.sandbox_id = ""
             self.created = False
+            self._persist()
         os.sync()
         if errors:
             raise errors[0]
@@ -781,6 +850,7 @@ class Sandbox:
         self.oom.add(cid, cg)
         with self._lock:
             entry.ready = True
+            self._persist()
         log.info("event=container_created container=%s exec_id=%s pid=%d", cid, exec_id,
                  proc.pid)
 
@@ -875,7 +945,17 @@ class Sandbox:
         io = our_side()
         watch = self.reaper.watch(cstate.pid)
         watch.on_exit(io.process_exited)
-        return ProcessEntry(exec_id=exec_id, pid=cstate.pid, watch=watch, io=io, init=True)
+        return ProcessEntry(exec_id=exec_id, pid=cstate.pid, watch=watch, io=io, init=True,
+                            start_time=cstate.pid_start_time, key=self._keep_stdio(io))
+
+    def _keep_stdio(self, io: ProcessIO) -> str:
+        """Hand the process's stdio to the service manager's fd store, so it survives an
+        agent restart; returns the key it is stored under."""
+        if self.keeper is None:
+            return ""
+        key = self.keeper.new_key()
+        self.keeper.store_stdio(key, io.host_fds())
+        return key
 
     def start_container(self, cid: str) -> None:
         c = self._container(cid)
@@ -903,8 +983,12 @@ class Sandbox:
                 c.processes.clear()
                 self._containers.pop(cid, None)
             for p in procs:
-                p.release()
-            self._remove_storages(c.storages)
+                p.release(self.keeper)
+            try:
+                self._remove_storages(c.storages)
+            finally:
+                with self._lock:
+                    self._persist()
         log.info("event=container_removed container=%s", cid)
 
     def update_container(self, cid: str, resources: Mapping[str, Any]) -> None:
@@ -983,9 +1067,12 @@ class Sandbox:
             io = our_side()
             watch = self.reaper.watch(pid)
             watch.on_exit(io.process_exited)
+            entry = ProcessEntry(exec_id=exec_id, pid=pid, watch=watch, io=io,
+                                 start_time=sc_state.pid_start_time(pid) or 0,
+                                 key=self._keep_stdio(io))
             with self._lock:
-                c.processes[exec_id] = ProcessEntry(exec_id=exec_id, pid=pid, watch=watch,
-                                                    io=io)
+                c.processes[exec_id] = entry
+                self._persist()
         log.info("event=exec container=%s exec_id=%s pid=%d", cid, exec_id, pid)
 
     def signal_process(self, cid: str, exec_id: str, sig: int) -> None:
@@ -1017,15 +1104,131 @@ class Sandbox:
                 c = self._containers.get(cid)
                 if c is not None and c.processes.get(p.exec_id) is p:
                     del c.processes[p.exec_id]
-            p.release()
+                self._persist()
+            p.release(self.keeper)
         log.info("event=waited container=%s exec_id=%s status=%d", cid, p.exec_id, status)
         return status
+
+    def close_stdin(self, cid: str, exec_id: str) -> None:
+        p = self.process(cid, exec_id)
+        p.io.stdin.close()
+        if self.keeper is not None and p.key and not p.io.terminal:
+            # The stored copy would keep the pipe open: the process would never see EOF.
+            self.keeper.drop_stdio(p.key, ("stdin",))
+            with self._lock:
+                self._persist()
+
+    # ------------------------------------------------------------------ restarts
+
+    def _persist(self) -> None:
+        """Write the journal (caller holds ``self._lock``); a failure is logged: the
+        sandbox works on, it only would not survive a restart."""
+        if self.keeper is None:
+            return
+        pause = self._pause
+        doc: dict[str, Any] = {"sandbox": None, "containers": []}
+        if self.created and pause is not None:
+            doc["sandbox"] = {
+                "id": self.sandbox_id, "hostname": self.hostname,
+                "pidns": self._sandbox_pidns, "pause_pid": pause.pid,
+                "pause_start": pause.start_time, "guest_hooks": self._guest_hooks,
+                "storages": [_handle_json(h) for h in self._storages],
+            }
+            doc["storage"] = self.storage.snapshot()
+            doc["containers"] = [
+                {"id": c.id, "init": c.init_exec_id,
+                 "storages": [_handle_json(h) for h in c.storages],
+                 "processes": [p.to_json() for p in c.processes.values()]}
+                for c in self._containers.values() if c.ready]
+        try:
+            self.keeper.save(doc)
+        except OSError as e:
+            log.error("event=journal_write_failed error=%s", e)
+
+    def restore(self, fds: dict[str, list[int]]) -> None:
+        """After an agent restart: take back the sandbox the journal describes, with the
+        stdio fds the service manager passed in (``sdnotify.listen_fds``). Processes that
+        ended while no agent ran are reported with status 255; fds nobody claims are
+        closed and dropped from the store."""
+        assert self.keeper is not None
+        doc = self.keeper.load()
+        sb = doc.get("sandbox") if doc else None
+        try:
+            if doc is not None and isinstance(sb, dict):
+                with self._lock:
+                    self._restore(doc, sb, fds)
+                    self._persist()
+        except (KeyError, TypeError, ValueError, EngineError, OSError) as e:
+            log.error("event=restore_failed error=%s", e)
+        for name, left in fds.items():
+            for fd in left:
+                os.close(fd)
+            self.keeper.notifier.remove(name)
+            log.warning("event=stored_fd_unclaimed name=%s", name)
+        fds.clear()
+
+    def _restore(self, doc: dict[str, Any], sb: dict[str, Any],
+                 fds: dict[str, list[int]]) -> None:
+        def take(key: str, kind: str) -> int:
+            got = fds.pop(f"{key}.{kind}", []) if key else []
+            for extra in got[1:]:
+                os.close(extra)
+            return got[0] if got else -1
+
+        pause = PauseProcess.adopt(int(sb["pause_pid"]), int(sb["pause_start"]))
+        if pause is None:
+            log.error("event=restore_pause_gone pid=%s", sb["pause_pid"])
+        self.storage.adopt(list(doc.get("storage") or []))
+        self._pause = pause
+        self._sandbox_pidns = bool(sb["pidns"])
+        self.sandbox_id = str(sb["id"])
+        self.hostname = str(sb["hostname"])
+        self._guest_hooks = dict(sb.get("guest_hooks") or {})
+        self._storages = [MountHandle(**h) for h in sb.get("storages", [])]
+        self.created = True
+        for c in doc.get("containers", []):
+            cid = validate_id(c["id"], "container_id")
+            entry = ContainerEntry(id=cid, init_exec_id=validate_id(c["init"], "exec_id"),
+                                   storages=[MountHandle(**h) for h in c["storages"]],
+                                   ready=True)
+            for pj in c["processes"]:
+                key = str(pj["key"])
+                if pj["tty"]:
+                    tty = take(key, "tty")
+                    io = (ProcessIO.terminal_master(tty) if tty >= 0
+                          else ProcessIO.from_fds(-1, -1, -1))
+                else:
+                    io = ProcessIO.from_fds(take(key, "stdin"), take(key, "stdout"),
+                                            take(key, "stderr"))
+                if pj.get("stdin_closed"):
+                    io.stdin.close()
+                watch = self.reaper.adopt(int(pj["pid"]), int(pj["start"]))
+                watch.on_exit(io.process_exited)
+                eid = validate_id(pj["exec_id"], "exec_id")
+                entry.processes[eid] = ProcessEntry(
+                    exec_id=eid, pid=int(pj["pid"]), watch=watch, io=io,
+                    init=bool(pj["init"]), start_time=int(pj["start"]), key=key)
+            self._containers[cid] = entry
+            try:
+                cstate = self.engine.state(cid)
+                self.oom.add(cid, self.engine.open_cgroup(cstate.cgroups_path, cid,
+                                                          existing=True))
+            except EngineError as e:
+                log.warning("event=restore_no_engine_state container=%s error=%s", cid, e)
+            log.info("event=container_restored container=%s processes=%d", cid,
+                     len(entry.processes))
+        log.info("event=sandbox_restored id=%s containers=%d", self.sandbox_id,
+                 len(self._containers))
 
     def set_container_cpus(self, cpus: str) -> None:
         """After CPU hotplug: let every container use the CPUs now online."""
         for cid in self.container_ids():
             with contextlib.suppress(EngineError):
                 self.engine.update(cid, LinuxResources.from_oci({"cpu": {"cpus": cpus}}))
+
+
+def _handle_json(h: MountHandle) -> dict[str, str]:
+    return {"mount_point": h.mount_point, "driver": h.driver, "source": h.source}
 
 
 def signal_handled(pid: int, sig: int) -> bool:

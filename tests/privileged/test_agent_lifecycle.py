@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ exec "$@"
 class GuestAgent:
     """An agent process in its own namespaces plus a connected client."""
 
-    def __init__(self, tmp: Path, cmdline: str = "") -> None:
+    def __init__(self, tmp: Path, cmdline: str = "", wrapper: Sequence[str] = ()) -> None:
         self.tmp = tmp
         for d in ("etc-upper", "etc-work", "shared", "run"):
             (tmp / d).mkdir()
@@ -71,11 +71,13 @@ class GuestAgent:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             ["unshare", "--mount", "--uts", "--net", "--propagation", "private",
-             "sh", str(tmp / "wrap.sh"),
+             "sh", str(tmp / "wrap.sh"), *wrapper,
              sys.executable, "-m", "kata_agent", "--channel", f"unix-serial:{self.serial}",
              "--cmdline", str(tmp / "cmdline"), "--runtime-dir", str(tmp / "run")],
             stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**{k: v for k, v in os.environ.items()
+                    if k != "NOTIFY_SOCKET" and not k.startswith("LISTEN_")},
+                 "PYTHONUNBUFFERED": "1"},
         )
         self.client: AgentClient | None = None
 

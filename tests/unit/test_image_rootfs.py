@@ -26,9 +26,15 @@ def read_unit(name: str) -> configparser.ConfigParser:
 def test_agent_service_contract() -> None:
     unit = read_unit("kata-agent.service")
     service = unit["Service"]
-    assert service["Type"] == "simple"
+    assert service["Type"] == "notify"  # started once it serves (READY=1)
+    assert service["NotifyAccess"] == "main"
     assert service["Restart"] == "on-failure"
     assert service["KillMode"] == "process"  # containers survive an agent restart
+    # ...and their stdio too: the agent keeps it in the fd store while it restarts.
+    assert int(service["FileDescriptorStoreMax"]) >= 1024
+    # Power off only once restarts keep failing: FailureAction= would fire on the first crash.
+    assert unit["Unit"]["StartLimitAction"] == "poweroff"
+    assert "FailureAction" not in service and "FailureAction" not in unit["Unit"]
     assert "PYTHONUNBUFFERED=1" in service["Environment"]
     assert service["ExecStart"] == "/" + rootfs.AGENT_LAUNCHER
     assert "console" in service["StandardOutput"]

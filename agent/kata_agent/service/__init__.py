@@ -26,10 +26,13 @@ def seccomp_supported(status_path: str = "/proc/self/status") -> bool:
 
 def build_services(cfg: AgentConfig, *, launcher: Any, state_root: str,
                    cgroup_root: str = "/sys/fs/cgroup", paths: Any = None,
-                   policy: Any = None) -> list[object]:
+                   policy: Any = None, keeper: Any = None,
+                   stored_fds: dict[str, list[int]] | None = None) -> list[object]:
     """Every service of the agent. ``launcher`` starts container processes (the zygote:
     the agent is threaded); ``state_root`` holds the engine's per-container state;
-    ``policy`` (default: allow all) decides which RPCs, containers and execs may run."""
+    ``policy`` (default: allow all) decides which RPCs, containers and execs may run;
+    ``keeper`` (persist.Keeper) keeps the sandbox across agent restarts, and with it the
+    sandbox a previous agent left is taken back, with the ``stored_fds`` it kept."""
     from kata_agent.engine import syscalls as sc
     from kata_agent.engine.container import Engine
     from kata_agent.guest import GuestOps
@@ -51,7 +54,9 @@ def build_services(cfg: AgentConfig, *, launcher: Any, state_root: str,
     storage = StorageManager(syscalls, hotplug_timeout=cfg.hotplug_timeout)
     policy = policy or Policy.allow_all()
     sandbox = Sandbox(engine, storage, pipe_size=cfg.container_pipe_size, paths=paths,
-                      syscalls=syscalls, policy=policy)
+                      syscalls=syscalls, policy=policy, keeper=keeper)
+    if keeper is not None:
+        sandbox.restore(stored_fds if stored_fds is not None else {})
     ops = GuestOps(device_handlers=DEVICE_TYPES, storage_handlers=storage.handlers(),
                    supports_seccomp=seccomp_supported())
     # After CPU hotplug the containers' cpusets follow the CPUs now online.

@@ -64,7 +64,7 @@ class StreamService:
         return agent_pb2.WriteStreamResponse(len=n)
 
     def CloseStdin(self, request: Any, context: Any) -> Any:
-        self.sandbox.process(request.container_id, request.exec_id).io.stdin.close()
+        self.sandbox.close_stdin(request.container_id, request.exec_id)
         return empty_pb2.Empty()
 
     def TtyWinResize(self, request: Any, context: Any) -> Any:

@@ -265,6 +265,49 @@ class StorageManager:
         if failed:
             raise failed[0]
 
+    # -- restart -------------------------------------------------------------------------
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """The mounts and their user counts, for the journal of an agent restart."""
+        with self._lock:
+            return [{"mount_point": mp, "driver": e.driver, "source": e.source,
+                     "path": e.path, "mounted": e.mounted, "created": e.created,
+                     "mnt_id": e.mnt_id, "users": e.users}
+                    for mp, e in self._entries.items()]
+
+    def adopt(self, saved: list[dict[str, object]]) -> None:
+        """Take back the mounts a previous agent made (``snapshot``). Each mount point's
+        parent is opened inside its allowed root again; one whose mount changed since is
+        kept, and its teardown refuses to unmount what is there now."""
+        for item in saved:
+            try:
+                mount_point = str(item["mount_point"])
+                path = str(item["path"])
+                root, rel = root_of(path, self.allowed_roots, "path")
+                parent = safe_path.open_in_root(root, os.path.dirname(rel),
+                                                os.O_PATH | os.O_DIRECTORY)
+                entry = _Entry(str(item["driver"]), str(item["source"]), path,
+                               mounted=bool(item["mounted"]), created=bool(item["created"]),
+                               parent_fd=parent, name=os.path.basename(path),
+                               mnt_id=int(str(item["mnt_id"])),
+                               users=max(1, int(str(item["users"]))))
+            except (KeyError, ValueError, OSError, EngineError) as e:
+                log.error("event=storage_adopt_failed item=%s error=%s", item, e)
+                continue
+            if entry.mounted:
+                try:
+                    current = _mount_id(entry.parent_fd, entry.name)
+                except OSError:
+                    current = -1
+                if current != entry.mnt_id:
+                    log.warning("event=storage_mount_changed mount_point=%s", mount_point)
+            with self._lock:
+                old = self._entries.pop(mount_point, None)
+                if old is not None:
+                    os.close(old.parent_fd)
+                self._entries[mount_point] = entry
+            log.info("event=storage_adopted mount_point=%s users=%d", mount_point, entry.users)
+
     # -- devices -------------------------------------------------------------------------
 
     def resolve_device(self, spec: DeviceSpec) -> ResolvedDevice:
