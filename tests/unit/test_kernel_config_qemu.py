@@ -240,3 +240,12 @@ def test_qmp_client_skips_events_and_reports_errors(tmp_path: Path) -> None:
         "qmp_capabilities",
         "quit",
     ]
+
+
+def test_console_socket_keeps_the_console_log(tmp_path: Path) -> None:
+    cmd = qemu_command(_config(tmp_path, console_socket=tmp_path / "console.sock"))
+    chardevs = _arg_after(cmd, "-chardev")
+    assert (f"socket,id=console,path={tmp_path / 'console.sock'},server=on,wait=off,"
+            f"logfile={tmp_path / 'console.log'}") in chardevs
+    assert not any(c.startswith("file,id=console") for c in chardevs)
+    assert _arg_after(cmd, "-serial") == ["chardev:console"]

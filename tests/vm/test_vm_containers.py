@@ -67,7 +67,8 @@ class Booted:
 
 @contextmanager
 def boot(arch: Arch, mode: runner.Mode, root: runner.Root, tmp: Path,
-         capsys: pytest.CaptureFixture[str]) -> Iterator[Booted]:
+         capsys: pytest.CaptureFixture[str], *, extra_args: tuple[str, ...] = (),
+         console_socket: Path | None = None) -> Iterator[Booted]:
     build = built_image(arch, tmp)
     kernel, initrd, image = runner.boot_files(build, arch, root)
     share = tmp / "share"
@@ -75,7 +76,8 @@ def boot(arch: Arch, mode: runner.Mode, root: runner.Root, tmp: Path,
     vm = VM(arch=arch, kernel=kernel, initrd=initrd, image=image,
             disk_mode="nvdimm" if root == "nvdimm" else "virtio-blk", memory_mib=1024,
             agent_socket=tmp / "agent.sock", share_dir=share, workdir=tmp,
-            kernel_args=runner.boot_arguments(mode, root))
+            kernel_args=[*runner.boot_arguments(mode, root), *extra_args],
+            console_socket=console_socket)
     started = time.monotonic()
     vm.start()
     client: AgentClient | None = None

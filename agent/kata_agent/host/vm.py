@@ -73,6 +73,9 @@ class VMConfig:
     share_tag: str = SHARE_TAG
     kernel_args: tuple[str, ...] = ()
     extra_qemu_args: tuple[str, ...] = ()
+    # Also serve the console on this unix socket (typing into the guest's debug console);
+    # the output still goes to console_log.
+    console_socket: Path | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
@@ -192,7 +195,9 @@ def qemu_command(config: VMConfig, qemu_binary: str | None = None) -> list[str]:
         "none",
         "-no-reboot",
         "-chardev",
-        f"file,id=console,path={_opt(config.console_log)}",
+        f"file,id=console,path={_opt(config.console_log)}" if config.console_socket is None
+        else f"socket,id=console,path={_opt(config.console_socket)},server=on,wait=off,"
+        f"logfile={_opt(config.console_log)}",
         "-serial",
         "chardev:console",
         "-qmp",
@@ -344,6 +349,7 @@ class VM:
     share_dir: Path | None = None
     kernel_args: Sequence[str] = ()
     extra_qemu_args: Sequence[str] = ()
+    console_socket: Path | None = None
     workdir: Path | None = None
     qemu_binary: str | None = None
     config: VMConfig = field(init=False)
@@ -375,6 +381,7 @@ class VM:
             extra_qemu_args=tuple(self.extra_qemu_args),
             console_log=self.workdir / "console.log",
             qmp_socket=self.workdir / "qmp.sock",
+            console_socket=self.console_socket,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -393,7 +400,8 @@ class VM:
                 raise VMError(f"boot file {path} does not exist")
         if self.config.share_dir is not None and not self.config.share_dir.is_dir():
             raise VMError(f"share directory {self.config.share_dir} does not exist")
-        for sock in (self.config.agent_socket, self.config.qmp_socket):
+        for sock in (self.config.agent_socket, self.config.qmp_socket,
+                     self.config.console_socket):
             if sock is not None:
                 # A stale socket from an earlier run would make QEMU fail to bind.
                 with contextlib.suppress(FileNotFoundError):
