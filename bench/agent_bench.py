@@ -73,6 +73,9 @@ def start_agent(channel: str, workdir: Path, *, isolated: bool = False
     cmdline.write_text("agent.log=info\n")
     argv = [sys.executable, "-m", "kata_agent", "--channel", channel, "--cmdline", str(cmdline),
             "--runtime-dir", str(workdir / "run")]
+    if os.geteuid() == 0:
+        # As the guest's unit runs it; the agent puts the host's setting back when it stops.
+        argv.append("--cgroup-favordynmods")
     if isolated:
         for d in ("etc-upper", "etc-work", "shared"):
             (workdir / d).mkdir(exist_ok=True)

@@ -43,6 +43,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_RUNTIME_DIR,
         help="private directory for the agent's own sockets (created 0700)",
     )
+    p.add_argument(
+        "--cgroup-favordynmods",
+        action="store_true",
+        help="make cgroup moves cheap for the whole kernel while the agent runs (a guest "
+        "setting: the unit passes it; the agent as PID 1 always does it)",
+    )
     p.add_argument("--version", action="version", version=f"kata-agent {__version__}")
     return p.parse_args(argv)
 
@@ -84,7 +90,8 @@ def private_backend(runtime_dir: str) -> str:
     return os.path.join(private, "agent.sock")
 
 
-def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
+def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event, *,
+          favor_cgroup_changes: bool = False) -> int:
     # Imported here so that `--help` and config errors stay fast.
     from kata_agent import channel, debug_console, persist, sdnotify, server
     from kata_agent.engine import syscalls as sc
@@ -118,6 +125,11 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
         log.error("threads running before the zygote count=%d", threading.active_count())
         return 1
     zygote = ZygoteLauncher.start()
+    undo_tuning = None
+    if favor_cgroup_changes:
+        from kata_agent.cgroup_tuning import favor_dynamic_changes
+
+        undo_tuning = favor_dynamic_changes()
     state_root = os.path.join(runtime_dir, "containers")
     os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
     services = build_services(cfg, launcher=zygote, state_root=state_root, policy=policy,
@@ -133,6 +145,8 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
         log.error("cannot listen address=%s", address)
         close_services(services)
         zygote.close()
+        if undo_tuning is not None:
+            undo_tuning()
         return 1
     grpc_server.start()
     listener = channel.make_listener(cfg.channel, backend)
@@ -150,6 +164,8 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event) -> int:
     grpc_server.stop(grace=1.0).wait()
     close_services(services)
     zygote.close()
+    if undo_tuning is not None:
+        undo_tuning()
     if keeper is not None:
         keeper.clear()  # stopped on purpose: nothing is left to take back
     notifier.close()
@@ -180,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        return serve(cfg, args.runtime_dir, stop)
+        return serve(cfg, args.runtime_dir, stop,
+                     favor_cgroup_changes=args.cgroup_favordynmods or os.getpid() == 1)
     except Exception:
         log.exception("agent failed")
         return 1

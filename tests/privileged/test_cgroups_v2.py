@@ -150,3 +150,25 @@ def test_controllers_the_host_delegates(cg: CgroupV2) -> None:
     if "memory" in controllers:
         cg.apply(LinuxResources.from_oci({"memory": {"limit": 32 << 20}}))
         assert Path(d, "memory.max").read_text().strip() == str(32 << 20)
+
+
+def test_favordynmods_set_and_put_back_on_the_real_cgroup2_root() -> None:
+    from kata_agent import cgroup_tuning
+
+    def options() -> tuple[str, ...]:
+        found = cgroup_tuning.find_cgroup2(Path("/proc/self/mountinfo").read_text())
+        if found is None:
+            pytest.skip("host capability missing: a cgroup2 mount")
+        return found.super_options
+
+    before = options()
+    if cgroup_tuning.OPTION in before:
+        pytest.skip("host capability missing: a cgroup2 root without favordynmods to set")
+    undo = cgroup_tuning.favor_dynamic_changes()
+    if undo is None:
+        pytest.skip("host capability missing: favordynmods (kernel 6.0 or later)")
+    try:
+        assert cgroup_tuning.OPTION in options()
+    finally:
+        undo()
+    assert options() == before

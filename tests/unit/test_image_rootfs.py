@@ -36,7 +36,7 @@ def test_agent_service_contract() -> None:
     assert unit["Unit"]["StartLimitAction"] == "poweroff"
     assert "FailureAction" not in service and "FailureAction" not in unit["Unit"]
     assert "PYTHONUNBUFFERED=1" in service["Environment"]
-    assert service["ExecStart"] == "/" + rootfs.AGENT_LAUNCHER
+    assert service["ExecStart"].split() == ["/" + rootfs.AGENT_LAUNCHER, "--cgroup-favordynmods"]
     assert "console" in service["StandardOutput"]
     assert unit["Unit"]["Before"] == "kata-containers.target"
 
