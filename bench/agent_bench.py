@@ -38,7 +38,7 @@ import grpc
 from kata_agent.bridge import YamuxBridge
 from kata_agent.host.client import AgentClient
 from kata_agent.protocol import agent_pb2, health_pb2, health_pb2_grpc, oci_pb2
-from report import GO_AGENT, Figure, print_figures, record
+from report import GO_AGENT, Figure, as_deployed, print_figures, record
 
 BARE = "bare-grpcio (same run)"
 PLAIN = "plain unix gRPC (same run)"
@@ -599,6 +599,7 @@ def main() -> int:
     p.add_argument("--skip-lifecycle", action="store_true")
     p.add_argument("--bare-server", metavar="PATH", help=argparse.SUPPRESS)
     args = p.parse_args()
+    as_deployed()
     if args.bare_server:
         return bare_server(args.bare_server)
     figures = transport_figures(args.calls, args.starts)

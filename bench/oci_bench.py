@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kata_agent.engine.spec import default_spec
-from report import Figure, print_figures, record
+from report import Figure, as_deployed, print_figures, record
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
@@ -143,6 +143,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--runs", type=int, default=20)
     args = p.parse_args()
+    as_deployed()
     figures = bench(args.runs)
     record(figures)
     print_figures(figures)
