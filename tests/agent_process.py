@@ -12,13 +12,15 @@ from pathlib import Path
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds (1 ms at first, backing off to 50 ms); raise
+    TimeoutError naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    delay = 0.005
+    delay = 0.001
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        delay = min(delay * 2, 0.05)
 
 
 class AgentProcess:

@@ -8,14 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kata_agent.engine.cgroups import CgroupV1, detect, open_cgroup
 from kata_agent.engine.resources import LinuxResources
+
+from tests.agent_process import wait_for
 
 ROOT = "/sys/fs/cgroup"
 PARENT = "kata-tests-v1"
@@ -32,14 +33,6 @@ def _need_v1() -> dict[str, str]:
         if ctrl not in where:
             pytest.skip(f"host capability missing: cgroup v1 {ctrl} controller")
     return where
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,9 @@ from kata_agent.engine.cgroups import CgroupV2, detect, open_cgroup
 from kata_agent.engine.errors import SpecError
 from kata_agent.engine.resources import LinuxResources
 
+from tests.agent_process import wait_for
+
 PARENT = "kata-tests-v2"
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -20,16 +20,10 @@ import pytest
 from kata_agent.engine.spec import default_spec
 from kata_agent.engine.state import pid_start_time
 
+from tests.agent_process import wait_for
+
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 CGROUP_ROOT = "/sys/fs/cgroup"
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def make_rootfs(path: Path) -> None:
@@ -151,7 +145,7 @@ def test_lifecycle_create_start_exec_kill_delete(rt: Runtime) -> None:
     assert rt.cli("start", cid).returncode == 0
     st = rt.state(cid)
     assert st["status"] == "running"
-    wait_until(lambda: os.readlink(f"/proc/{pid}/exe").endswith("busybox"), what="exec")
+    wait_for(lambda: os.readlink(f"/proc/{pid}/exe").endswith("busybox"), what="exec")
     assert rt.cli("start", cid).returncode == 1  # not created any more
     ex = rt.cli("exec", cid, "sh", "-c", "echo in-container; hostname")
     assert ex.returncode == 0, ex.stderr
@@ -160,7 +154,7 @@ def test_lifecycle_create_start_exec_kill_delete(rt: Runtime) -> None:
     assert [c["id"] for c in ls] == [cid]
     assert rt.cli("delete", cid).returncode == 1  # running: needs --force
     assert rt.cli("kill", cid, "KILL").returncode == 0
-    wait_until(lambda: rt.state(cid)["status"] == "stopped", what="stopped")
+    wait_for(lambda: rt.state(cid)["status"] == "stopped", what="stopped")
     assert rt.cli("kill", cid, "KILL").returncode == 1
     d = rt.cli("delete", cid)
     assert d.returncode == 0, d.stderr
@@ -511,12 +505,12 @@ def test_kill_all_and_no_pivot(rt: Runtime) -> None:
     b = rt.bundle(["sh", "-c", "sleep 1000 & sleep 1000 & wait"])
     cid = rt.new_id("killall")
     assert rt.cli("run", "-d", "--no-pivot", "--bundle", str(b), cid, input="").returncode == 0
-    wait_until(lambda: len(json.loads(rt.cli("ps", "-f", "json", cid).stdout)) == 3,
+    wait_for(lambda: len(json.loads(rt.cli("ps", "-f", "json", cid).stdout)) == 3,
                what="three processes")
     pids = json.loads(rt.cli("ps", "-f", "json", cid).stdout)
     assert rt.cli("kill", "--all", cid, "KILL").returncode == 0
-    wait_until(lambda: all(pid_start_time(p) is None for p in pids), what="all killed")
-    wait_until(lambda: rt.state(cid)["status"] == "stopped", what="stopped")
+    wait_for(lambda: all(pid_start_time(p) is None for p in pids), what="all killed")
+    wait_for(lambda: rt.state(cid)["status"] == "stopped", what="stopped")
 
 
 def test_cwd_symlink_stays_inside_root(rt: Runtime) -> None:
@@ -576,7 +570,7 @@ def test_run_forwards_signals(rt: Runtime) -> None:
                               str(rt.root), "run", "--bundle", str(b), cid],
                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: "ready" in out_path.read_text(), what="container ready")
+        wait_for(lambda: "ready" in out_path.read_text(), what="container ready")
         p.send_signal(15)
         _, err = p.communicate(timeout=30)
     finally:
@@ -701,7 +695,7 @@ def test_echo_hello_with_every_namespace_and_memory_and_pids_limits(rt: Runtime)
     for ns in ("pid", "mnt", "uts", "ipc", "net", "cgroup"):
         assert os.readlink(f"/proc/{init}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
     assert rt.cli("start", cid).returncode == 0
-    wait_until(lambda: rt.state(cid)["status"] == "stopped", what="container exit")
+    wait_for(lambda: rt.state(cid)["status"] == "stopped", what="container exit")
     lines = container_out.read_text().split()
     assert lines[0] == "hello"
     assert 1 < int(lines[1]) <= pids, lines

@@ -22,15 +22,9 @@ from kata_agent.bridge import CloseReason, YamuxBridge, relay_listener
 from kata_agent.protocol import yamux
 from kata_agent.protocol.yamux import Flag, Frame, FrameType
 
+from tests.agent_process import wait_for
+
 W = yamux.INITIAL_WINDOW
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 def fd_count() -> int:
