@@ -149,7 +149,7 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event, *,
             undo_tuning()
         return 1
     grpc_server.start()
-    listener = channel.make_listener(cfg.channel, backend)
+    listener = channel.make_listener(cfg.channel, backend, endpoints=grpc_server.connection)
     if listener is not None:
         listener.start()
     consoles = debug_console.start(cfg)
@@ -172,7 +172,7 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event, *,
     with contextlib.suppress(OSError):
         os.rmdir(state_root)  # only when empty: state of live containers stays
     if backend:
-        # grpcio may have removed its socket already; the directory must go either way.
+        # The server removes its socket when it stops; the directory must go either way.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(backend)
         os.rmdir(os.path.dirname(backend))

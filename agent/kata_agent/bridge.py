@@ -1,10 +1,13 @@
 """Run a yamux session over a file descriptor and splice its streams to unix sockets.
 
-grpcio cannot serve on an existing connection, so every yamux stream becomes one
-connection to a unix socket (server role: to the gRPC backend; client role: from local
-clients). One thread runs one non-blocking `selectors` loop per session; there is no thread
-per stream. The transport is any fd that works with os.read/os.write and epoll: a
-connected socket, a pty or a virtio-serial port.
+Every yamux stream becomes one connection to a unix socket (server role: to the gRPC
+backend; client role: from local clients). One thread runs one non-blocking `selectors`
+loop per session; there is no thread per stream. The transport is any fd that works with
+os.read/os.write and epoll: a connected socket, a pty or a virtio-serial port.
+
+A server-role session can instead serve its streams in-process (``serve_streams_with``):
+each stream feeds a protocol endpoint (an HTTP/2 gRPC connection) on the session's own
+thread, with no local socket and no second hop.
 
 Back-pressure is end to end: a local socket is read only while its stream's send window is
 open and the transport's outgoing buffer is below a bound, and a stream's receive window is
@@ -26,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Protocol
 
 from kata_agent.protocol import yamux
 
@@ -68,16 +71,36 @@ class _Tag(enum.Enum):
     LOCAL_READS = 3
 
 
+class StreamEndpoint(Protocol):
+    """What serves a stream in-process: bytes in, bytes out, ``closing`` when done."""
+
+    closing: bool
+    has_more: bool  # data_to_send has more once what it returned is written
+
+    def receive(self, data: bytes | memoryview) -> None: ...
+
+    def data_to_send(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+# Runs a function on the session's thread (from any thread), then flushes its endpoint.
+Post = Callable[[Callable[[], None]], None]
+EndpointFactory = Callable[[str, Post], StreamEndpoint]
+
+
 class _Splice:
-    """One stream and its local socket."""
+    """One stream and its local socket, or its in-process endpoint."""
 
     __slots__ = (
         "closed",
         "connect_deadline",
         "connected",
+        "endpoint",
         "fd",
         "local_eof",
         "out",
+        "pending",
         "preface_seen",
         "reading",
         "remote_fin",
@@ -101,6 +124,8 @@ class _Splice:
         self.writing = False  # registered for writing (main selector)
         self.closed = False
         self.connect_deadline = 0.0
+        self.endpoint: StreamEndpoint | None = None
+        self.pending = bytearray()  # endpoint output waiting for the stream's send window
 
 
 def _set_nonblocking(fd: int) -> None:
@@ -146,6 +171,9 @@ class YamuxBridge:
         self._ping_interval = ping_interval
         self._out_limit = transport_out_limit
         self._backend: str | None = None
+        self._factory: EndpointFactory | None = None
+        self._posted: deque[tuple[_Splice, Callable[[], None]]] = deque()
+        self._endpoint_backlog: set[_Splice] = set()
         self._preface = b""
         self._listeners: list[socket.socket] = []
         self._splices: dict[int, _Splice] = {}
@@ -183,6 +211,12 @@ class YamuxBridge:
         `backend_path`. With `preface`, a stream whose first bytes differ from it is reset
         and logged before anything reaches the backend (e.g. the HTTP/2 client preface)."""
         self._backend = backend_path
+        self._preface = preface
+
+    def serve_streams_with(self, factory: EndpointFactory, *, preface: bytes = b"") -> None:
+        """Server role: serve every stream the peer opens in-process, by the endpoint
+        ``factory(name, post)`` returns; ``preface`` as in ``serve_streams_to``."""
+        self._factory = factory
         self._preface = preface
 
     def add_listener(self, listener: socket.socket) -> None:
@@ -287,6 +321,9 @@ class YamuxBridge:
                 next_ping = time.monotonic() + interval
             if self._retry_connects:
                 self._retry_pending_connects()
+            if self._endpoint_backlog and len(session.output) < self._out_limit:
+                for sp in list(self._endpoint_backlog):
+                    self._pump_endpoint(sp)
             self._flush()
             if (session.remote_goaway and not self._splices and not self._waiting_opens
                     and self._reason is None):
@@ -396,7 +433,10 @@ class YamuxBridge:
         elif isinstance(ev, yamux.WindowOpened):
             sp = self._splices.get(ev.stream_id)
             if sp is not None:
-                self._update_interest(sp)
+                if sp.endpoint is not None:
+                    self._pump_endpoint(sp)
+                else:
+                    self._update_interest(sp)
         elif isinstance(ev, yamux.StreamOpened):
             self._on_stream_opened(ev.stream_id)
         elif isinstance(ev, yamux.StreamAccepted):
@@ -405,7 +445,11 @@ class YamuxBridge:
             sp = self._splices.get(ev.stream_id)
             if sp is not None:
                 sp.remote_fin = True
-                self._maybe_shutdown_write(sp)
+                if sp.endpoint is not None:
+                    # The client is done with this connection (as a socket's EOF).
+                    self._close_endpoint(sp)
+                else:
+                    self._maybe_shutdown_write(sp)
         elif isinstance(ev, yamux.StreamClosed):
             sp = self._splices.get(ev.stream_id)
             if sp is not None:
@@ -448,6 +492,9 @@ class YamuxBridge:
 
     def _on_stream_opened(self, sid: int) -> None:
         session = self._session
+        if self._factory is not None:
+            self._open_endpoint(sid)
+            return
         if self._backend is None:
             log.info("yamux refusing stream name=%s stream=%d reason=no-backend", self.name, sid)
             self._stats["streams_refused"] += 1
@@ -498,9 +545,88 @@ class YamuxBridge:
                 self._drop(sp)
         self._retry_connects = still
 
+    # ---- in-process endpoints ----
+
+    def _open_endpoint(self, sid: int) -> None:
+        assert self._factory is not None
+        sp = _Splice(sid, None)
+
+        def post(fn: Callable[[], None]) -> None:
+            with self._lock:
+                if self._wake_closed:
+                    return
+                self._posted.append((sp, fn))
+                self._wake()
+
+        try:
+            sp.endpoint = self._factory(f"{self.name}-{sid}", post)
+        except Exception:
+            log.exception("yamux endpoint failed name=%s stream=%d", self.name, sid)
+            self._stats["streams_refused"] += 1
+            self._session.refuse_stream(sid)
+            return
+        self._splices[sid] = sp
+        self._stats["streams_total"] += 1
+        log.debug("yamux stream opened name=%s stream=%d by=peer in-process", self.name, sid)
+        self._session.accept_stream(sid)
+        self._pump_endpoint(sp)
+
+    def _pump_endpoint(self, sp: _Splice) -> None:
+        """Move the endpoint's output into its stream, as far as the windows allow."""
+        if sp.closed or sp.endpoint is None:
+            return
+        session = self._session
+        endpoint = sp.endpoint
+        while len(session.output) < self._out_limit:
+            if not sp.pending:
+                sp.pending += endpoint.data_to_send()
+                if not sp.pending:
+                    break
+            try:
+                n = session.send_data(sp.sid, memoryview(sp.pending)[:LOCAL_READ_SIZE])
+            except yamux.YamuxError as exc:
+                # The stream or the session is over: nobody reads this reply any more.
+                log.debug("yamux endpoint output dropped name=%s stream=%d error=%s",
+                          self.name, sp.sid, exc)
+                self._drop(sp)
+                return
+            if n <= 0:
+                break
+            del sp.pending[:n]
+        if sp.pending or endpoint.has_more:
+            self._endpoint_backlog.add(sp)
+        else:
+            self._endpoint_backlog.discard(sp)
+            if sp.endpoint.closing:
+                self._close_endpoint(sp)
+
+    def _close_endpoint(self, sp: _Splice) -> None:
+        """The endpoint's connection is over: FIN our half and forget the stream."""
+        if sp.closed:
+            return
+        with contextlib.suppress(yamux.YamuxError):
+            if not sp.local_eof:
+                sp.local_eof = True
+                self._session.close_stream(sp.sid)
+        self._drop(sp)
+
+    def _run_posted(self) -> None:
+        with self._lock:
+            posted = list(self._posted)
+            self._posted.clear()
+        for sp, fn in posted:
+            if not sp.closed:
+                fn()
+                self._pump_endpoint(sp)
+
     # ---- local sockets ----
 
     def _deliver(self, sp: _Splice, data: bytes) -> None:
+        if sp.endpoint is not None:
+            sp.endpoint.receive(data)
+            self._session.consumed(sp.sid, len(data))
+            self._pump_endpoint(sp)
+            return
         n = 0
         if not sp.out and sp.sock is not None and sp.connected:
             try:
@@ -616,6 +742,10 @@ class YamuxBridge:
         log.debug("yamux stream closed name=%s stream=%d unsent=%d",
                   self.name, sp.sid, len(sp.out))
         sp.closed = True
+        if sp.endpoint is not None:
+            sp.endpoint.close()
+            sp.pending = bytearray()
+            self._endpoint_backlog.discard(sp)
         if sp.reading:
             self._rsel.unregister(sp.fd)
             sp.reading = False
@@ -653,6 +783,8 @@ class YamuxBridge:
             close = self._close_requested
         for sock in socks:
             self._add_local(sock)
+        if self._posted:
+            self._run_posted()
         if close:
             # Our local sockets are about to be closed: tell the peer now rather than
             # leaving its half of every stream waiting for a transport EOF.
@@ -697,8 +829,12 @@ class YamuxBridge:
         for sp in list(self._splices.values()):
             if not sp.closed:
                 sp.closed = True
+                if sp.endpoint is not None:
+                    sp.endpoint.close()
                 if sp.sock is not None:
                     sp.sock.close()
+        self._posted.clear()
+        self._endpoint_backlog.clear()
         self._splices.clear()
         self._local_buffered = 0
         while self._waiting_opens:

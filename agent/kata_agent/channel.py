@@ -1,7 +1,8 @@
 """Channels: how the host reaches the agent.
 
-grpcio only serves on addresses it binds itself, so the gRPC server listens on a private
-unix socket (the backend) and every channel splices host connections to it:
+The gRPC server listens on a private unix socket (the backend). Yamux channels serve their
+streams in-process when given the server's ``endpoints`` (each stream an HTTP/2 connection
+driven on the session's thread), else splice them to the backend like the other channels:
 
 - serial: the virtio-serial port named ``agent.channel.0``; one yamux session at a time on
   it, every yamux stream one gRPC connection. When the host goes away the session ends and
@@ -9,7 +10,7 @@ unix socket (the backend) and every channel splices host connections to it:
 - unix-serial: a unix socket whose every accepted connection is treated as the serial line
   (yamux server on it), so tests and development runs drive the exact code of a VM.
 - vsock: AF_VSOCK, one plain gRPC connection per vsock connection (no yamux).
-- unix: plain gRPC on a unix socket, served by grpcio directly (no splice).
+- unix: plain gRPC on a unix socket, served by the gRPC server directly (no splice).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import tty
 from pathlib import Path
 from typing import Protocol
 
-from kata_agent.bridge import CloseReason, YamuxBridge, relay_listener
+from kata_agent.bridge import CloseReason, EndpointFactory, YamuxBridge, relay_listener
 from kata_agent.config import SERIAL_PORT_NAME, Channel
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,11 @@ def wait_host_connected(fd: int, stop: threading.Event, poll_interval: float = 1
 class SerialListener:
     """A yamux server on the virtio-serial port, reopened whenever the host disconnects."""
 
-    def __init__(self, device: str, backend: str, *, retry_delay: float = 0.2) -> None:
+    def __init__(self, device: str, backend: str, *, retry_delay: float = 0.2,
+                 endpoints: EndpointFactory | None = None) -> None:
         self.device = device  # empty: look up agent.channel.0
         self.backend = backend
+        self.endpoints = endpoints
         self.retry_delay = retry_delay
         self._stop = threading.Event()
         self._bridge: YamuxBridge | None = None
@@ -141,7 +144,7 @@ class SerialListener:
                 if not wait_host_connected(fd, self._stop):
                     return
                 bridge = YamuxBridge(fd, "server", name="serial")
-                bridge.serve_streams_to(self.backend, preface=HTTP2_CLIENT_PREFACE)
+                serve_streams(bridge, self.backend, self.endpoints)
                 with self._lock:
                     self._bridge = bridge
                 if self._stop.is_set():
@@ -158,6 +161,14 @@ class SerialListener:
                 os.close(fd)
             # Give a hung-up port a moment before reopening it; the host may be restarting.
             self._stop.wait(self.retry_delay)
+
+
+def serve_streams(bridge: YamuxBridge, backend: str, endpoints: EndpointFactory | None) -> None:
+    """In-process when the server's endpoints are at hand (no hop), else via the backend."""
+    if endpoints is not None:
+        bridge.serve_streams_with(endpoints, preface=HTTP2_CLIENT_PREFACE)
+    else:
+        bridge.serve_streams_to(backend, preface=HTTP2_CLIENT_PREFACE)
 
 
 def bind_unix(path: str, mode: int = 0o600, backlog: int = 64) -> socket.socket:
@@ -185,9 +196,11 @@ def bind_unix(path: str, mode: int = 0o600, backlog: int = 64) -> socket.socket:
 class UnixSerialListener:
     """Every connection accepted on a unix socket is a serial line carrying a yamux session."""
 
-    def __init__(self, path: str, backend: str) -> None:
+    def __init__(self, path: str, backend: str, *,
+                 endpoints: EndpointFactory | None = None) -> None:
         self.path = path
         self.backend = backend
+        self.endpoints = endpoints
         self._sock = bind_unix(path)
         self._stop = threading.Event()
         self._bridges: set[YamuxBridge] = set()
@@ -233,7 +246,7 @@ class UnixSerialListener:
         with conn:
             conn.setblocking(False)
             bridge = YamuxBridge(conn.fileno(), "server", name=f"unix-serial-{number}")
-            bridge.serve_streams_to(self.backend, preface=HTTP2_CLIENT_PREFACE)
+            serve_streams(bridge, self.backend, self.endpoints)
             with self._lock:
                 self._bridges.add(bridge)
             log.info("host connected path=%s session=%d", self.path, number)
@@ -273,12 +286,14 @@ class VsockListener:
         self._sock.close()
 
 
-def make_listener(channel: Channel, backend: str) -> Listener | None:
-    """The listener for a channel; None for `unix`, which grpcio serves itself."""
+def make_listener(channel: Channel, backend: str, *,
+                  endpoints: EndpointFactory | None = None) -> Listener | None:
+    """The listener for a channel; None for `unix`, which the gRPC server serves itself.
+    ``endpoints`` (the server's ``connection``) lets yamux channels serve in-process."""
     if channel.kind == "serial":
-        return SerialListener(channel.path, backend)
+        return SerialListener(channel.path, backend, endpoints=endpoints)
     if channel.kind == "unix-serial":
-        return UnixSerialListener(channel.path, backend)
+        return UnixSerialListener(channel.path, backend, endpoints=endpoints)
     if channel.kind == "vsock":
         return VsockListener(channel.port, backend)
     if channel.kind == "unix":

@@ -40,10 +40,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from kata_agent.protocol import names
-from kata_agent.server import RpcError
+from kata_agent.server import RpcError, StatusCode
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +66,7 @@ class PolicyError(Exception):
 
 
 def _denied(msg: str) -> RpcError:
-    return RpcError(grpc.StatusCode.PERMISSION_DENIED, f"denied by policy: {msg}")
+    return RpcError(StatusCode.PERMISSION_DENIED, f"denied by policy: {msg}")
 
 
 def rpc_name(method: str) -> str:

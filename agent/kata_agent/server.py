@@ -3,7 +3,8 @@
 Services are plain objects whose methods are named after RPCs (``CreateContainer(request,
 context)``). The server registers every method of the protocol: those no service implements
 answer UNIMPLEMENTED with a message, so a host runtime gets a clear answer instead of a
-transport error. Exceptions become gRPC statuses here and nowhere else.
+transport error. Exceptions become gRPC statuses here and nowhere else. The transport is
+``h2server`` (gRPC over HTTP/2 on h2): the agent never imports grpcio.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent import futures
 from typing import Any
-
-import grpc
 
 from kata_agent.engine.errors import (
     AlreadyExistsError,
@@ -23,7 +21,11 @@ from kata_agent.engine.errors import (
     SpecError,
     StateError,
 )
+from kata_agent.h2server import Abort, Route, Server, StatusCode
 from kata_agent.protocol import names
+
+__all__ = ["DEFAULT_MAX_WORKERS", "MAX_MESSAGE_BYTES", "RpcError", "Server", "StatusCode",
+           "build_server", "implemented_methods", "status_for"]
 
 log = logging.getLogger(__name__)
 
@@ -33,48 +35,52 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_WORKERS = 512
 # CopyFile chunks are 1 MiB; anything far above that is not a request a runtime sends.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Answered on the server's I/O thread: they never block (see h2server.Route).
+INLINE = frozenset({"/grpc.Health/Check", "/grpc.Health/Version"})
 
 
 class RpcError(Exception):
     """A service's explicit answer: a status code and a message for the host."""
 
-    def __init__(self, code: grpc.StatusCode, msg: str) -> None:
+    def __init__(self, code: StatusCode, msg: str) -> None:
         super().__init__(msg)
         self.code = code
         self.msg = msg
 
 
-_ENGINE_STATUS: tuple[tuple[type[EngineError], grpc.StatusCode], ...] = (
-    (SpecError, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (StateError, grpc.StatusCode.FAILED_PRECONDITION),
+_ENGINE_STATUS: tuple[tuple[type[EngineError], StatusCode], ...] = (
+    (SpecError, StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, StatusCode.NOT_FOUND),
+    (AlreadyExistsError, StatusCode.ALREADY_EXISTS),
+    (StateError, StatusCode.FAILED_PRECONDITION),
 )
 
 
-def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_for(err: BaseException) -> tuple[StatusCode, str]:
     """Map an exception raised by a service to the status the host sees."""
     if isinstance(err, RpcError):
         return err.code, err.msg
+    if isinstance(err, Abort):
+        return err.code, err.details
     if isinstance(err, EngineError):
         for kind, code in _ENGINE_STATUS:
             if isinstance(err, kind):
                 return code, str(err)
-        return grpc.StatusCode.INTERNAL, str(err)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
+        return StatusCode.INTERNAL, str(err)
+    return StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
 
 
-Handler = Callable[[Any, grpc.ServicerContext], Any]
+Handler = Callable[[Any, Any], Any]
 
 
 def _edge(full_name: str, fn: Handler) -> Handler:
-    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+    def handle(request: Any, context: Any) -> Any:
         started = time.monotonic()
         try:
             reply = fn(request, context)
         except Exception as err:
             code, msg = status_for(err)
-            if code is grpc.StatusCode.INTERNAL and not isinstance(err, (RpcError, EngineError)):
+            if code is StatusCode.INTERNAL and not isinstance(err, (RpcError, EngineError)):
                 log.exception("rpc failed method=%s", full_name)
             else:
                 log.warning("rpc error method=%s code=%s msg=%s", full_name, code.name, msg)
@@ -86,51 +92,32 @@ def _edge(full_name: str, fn: Handler) -> Handler:
 
 
 def _unimplemented(full_name: str) -> Handler:
-    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+    def handle(request: Any, context: Any) -> Any:
         log.info("rpc unimplemented method=%s", full_name)
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, f"{full_name} is not implemented by this agent"
-        )
+        context.abort(StatusCode.UNIMPLEMENTED, f"{full_name} is not implemented by this agent")
 
     return handle
 
 
-def build_handlers(services: Iterable[object]) -> list[grpc.GenericRpcHandler]:
-    """One generic handler per protocol service, every method registered."""
+def build_routes(services: Iterable[object]) -> dict[str, Route]:
+    """Every protocol method by its HTTP/2 path, answered by the first service that has it."""
     services = list(services)
-    handlers: list[grpc.GenericRpcHandler] = []
-    for service_name, methods in names.SERVICES.items():
-        table: dict[str, grpc.RpcMethodHandler] = {}
-        for method, info in methods.items():
-            full_name = f"/{service_name}/{method}"
-            impl = next(
-                (getattr(s, method) for s in services if callable(getattr(s, method, None))),
-                None,
-            )
-            fn = _edge(full_name, impl) if impl is not None else _unimplemented(full_name)
-            table[method] = grpc.unary_unary_rpc_method_handler(
-                fn,
-                request_deserializer=info.request.FromString,
-                response_serializer=info.response.SerializeToString,
-            )
-        handlers.append(grpc.method_handlers_generic_handler(service_name, table))
-    return handlers
+    routes: dict[str, Route] = {}
+    for info in names.BY_PATH.values():
+        impl = next(
+            (getattr(s, info.name) for s in services if callable(getattr(s, info.name, None))),
+            None,
+        )
+        fn = _edge(info.path, impl) if impl is not None else _unimplemented(info.path)
+        routes[info.path] = Route(deserialize=info.request.FromString, handler=fn,
+                                  serialize=info.response.SerializeToString,
+                                  inline=info.path in INLINE and impl is not None)
+    return routes
 
 
-def build_server(
-    services: Iterable[object], *, max_workers: int = DEFAULT_MAX_WORKERS
-) -> grpc.Server:
-    options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        handlers=build_handlers(services),
-        options=options,
-    )
-    return server
+def build_server(services: Iterable[object], *, max_workers: int = DEFAULT_MAX_WORKERS) -> Server:
+    return Server(build_routes(services), max_workers=max_workers,
+                  max_message_bytes=MAX_MESSAGE_BYTES)
 
 
 def implemented_methods(services: Iterable[object]) -> Mapping[str, list[str]]:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from google.protobuf import descriptor as pbd
 from google.protobuf import empty_pb2
@@ -51,10 +50,10 @@ from kata_agent.service.sandbox import sandbox_request_from_pb
 from kata_agent.storage import StorageManager
 
 ALLOWED = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
-    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
+    server.StatusCode.INVALID_ARGUMENT, server.StatusCode.NOT_FOUND, server.StatusCode.OUT_OF_RANGE,
+    server.StatusCode.FAILED_PRECONDITION, server.StatusCode.ALREADY_EXISTS,
+    server.StatusCode.UNIMPLEMENTED, server.StatusCode.PERMISSION_DENIED,
+    server.StatusCode.DEADLINE_EXCEEDED,
 })
 
 WORK = Path(tempfile.mkdtemp(prefix="kata-fuzz-rpc-"))
@@ -201,7 +200,7 @@ NOT_SERVED = sorted(m for m in AGENT if implementation(m) is None)
 
 
 class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: server.StatusCode, details: str) -> None:
         super().__init__(code, details)
         self.code = code
         self.details = details
@@ -210,7 +209,7 @@ class Aborted(Exception):
 class FakeContext:
     """The part of grpc.ServicerContext the edge and the services use."""
 
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
+    def abort(self, code: server.StatusCode, details: str) -> None:
         raise Aborted(code, details)
 
     def is_active(self) -> bool:
@@ -226,7 +225,7 @@ class FakeContext:
 @dataclass
 class Finding:
     method: str
-    code: grpc.StatusCode
+    code: server.StatusCode
     details: str
     cause: BaseException | None
 
@@ -559,7 +558,7 @@ def test_oversized_repeated_fields_refused_before_work() -> None:
     with pytest.raises(Aborted) as err:
         server._edge(info.path, implementation("UpdateRoutes"))(  # type: ignore[arg-type]
             info.request.FromString(data), FakeContext())
-    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code is server.StatusCode.INVALID_ARGUMENT
 
 
 def test_truncated_varint_is_a_decode_error() -> None:

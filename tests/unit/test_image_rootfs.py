@@ -51,6 +51,8 @@ def test_target_wants_agent_and_is_default() -> None:
 def test_pins_and_debian_substitutes() -> None:
     pins = rootfs.pinned_requirements()
     assert pins["grpcio"] and pins["protobuf"] and pins["pyroute2"]
+    # The agent serves gRPC with h2 (pure Python, same wheels on every architecture).
+    assert pins["h2"] and pins["hpack"] and pins["hyperframe"]
     # Every pin comes either from a wheel or from a named Debian package.
     assert set(rootfs.FROM_DEBIAN) <= set(pins)
     assert "python-prctl" in rootfs.FROM_DEBIAN

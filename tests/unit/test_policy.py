@@ -49,7 +49,7 @@ def example(tmp_path: Path) -> Policy:
 def denied(fn: Any, *args: Any) -> str:
     with pytest.raises(RpcError) as info:
         fn(*args)
-    assert info.value.code is grpc.StatusCode.PERMISSION_DENIED
+    assert info.value.code is server.StatusCode.PERMISSION_DENIED
     return info.value.msg
 
 
@@ -175,7 +175,7 @@ def test_no_root_outside_the_pattern_is_ever_allowed(parts: list[str]) -> None:
     try:
         p.check_container(["/pause"], root)
     except RpcError as err:
-        assert err.code is grpc.StatusCode.PERMISSION_DENIED
+        assert err.code is server.StatusCode.PERMISSION_DENIED
         return
     norm = os.path.normpath(root)
     assert norm.startswith(SHARED + "/")

@@ -99,7 +99,7 @@ def test_every_agent_rpc_is_registered(served: tuple[grpc.Channel, RaisingServic
         (AlreadyExistsError("abc exists"), grpc.StatusCode.ALREADY_EXISTS),
         (StateError("abc is not created"), grpc.StatusCode.FAILED_PRECONDITION),
         (HostError("mount failed", errno=5), grpc.StatusCode.INTERNAL),
-        (server.RpcError(grpc.StatusCode.OUT_OF_RANGE, "EOF"), grpc.StatusCode.OUT_OF_RANGE),
+        (server.RpcError(server.StatusCode.OUT_OF_RANGE, "EOF"), grpc.StatusCode.OUT_OF_RANGE),
         (ZeroDivisionError("boom"), grpc.StatusCode.INTERNAL),
     ],
 )
@@ -128,7 +128,7 @@ def test_errors_become_statuses(
 
 def test_spec_error_names_the_field() -> None:
     code, msg = server.status_for(SpecError("must be positive", field="linux.resources.pids.limit"))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert code is server.StatusCode.INVALID_ARGUMENT
     assert msg == "linux.resources.pids.limit: must be positive"
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 from google.protobuf import empty_pb2
 
 from kata_agent import oci_convert
@@ -17,7 +16,7 @@ from kata_agent.engine.cgroups.stats import BlkioStatEntry, CgroupStats
 from kata_agent.engine.errors import SpecError
 from kata_agent.protocol import agent_pb2
 from kata_agent.sandbox import ContainerRequest, NetworkStats, RemoveTimeout, Sandbox
-from kata_agent.server import RpcError
+from kata_agent.server import RpcError, StatusCode
 from kata_agent.service.storage import devices_from_pb, storages_from_pb
 
 
@@ -103,7 +102,7 @@ class ContainerService:
         try:
             self.sandbox.remove_container(request.container_id, timeout=request.timeout)
         except RemoveTimeout as e:
-            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from e
+            raise RpcError(StatusCode.DEADLINE_EXCEEDED, str(e)) from e
         return empty_pb2.Empty()
 
     def UpdateContainer(self, request: Any, context: Any) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 from google.protobuf import empty_pb2
 
 from kata_agent import guest
@@ -20,7 +19,7 @@ from kata_agent.guest import (
     OnlineCPUMemRequest,
 )
 from kata_agent.protocol import agent_pb2
-from kata_agent.server import RpcError
+from kata_agent.server import RpcError, StatusCode
 
 TRACING_MESSAGE = "tracing is not built into this agent"
 
@@ -57,7 +56,7 @@ class GuestService:
     def MemHotplugByProbe(self, request: Any, context: Any) -> Any:
         addrs = request.memHotplugProbeAddr
         if len(addrs) > guest.MAX_PROBE_ADDRESSES:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise RpcError(StatusCode.INVALID_ARGUMENT,
                            f"memHotplugProbeAddr: more than {guest.MAX_PROBE_ADDRESSES}")
         self.ops.mem_hotplug_by_probe(list(addrs))
         return empty_pb2.Empty()
@@ -80,7 +79,7 @@ class GuestService:
         return empty_pb2.Empty()
 
     def StartTracing(self, request: Any, context: Any) -> Any:
-        raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, TRACING_MESSAGE)
+        raise RpcError(StatusCode.FAILED_PRECONDITION, TRACING_MESSAGE)
 
     def StopTracing(self, request: Any, context: Any) -> Any:
-        raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, TRACING_MESSAGE)
+        raise RpcError(StatusCode.FAILED_PRECONDITION, TRACING_MESSAGE)

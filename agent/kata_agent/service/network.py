@@ -10,20 +10,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
 from google.protobuf import empty_pb2
 
 from kata_agent import network
 from kata_agent.network import ARPNeighbor, Interface, IPAddress, IPFamily, Network, Route
 from kata_agent.protocol import agent_pb2, types_pb2
-from kata_agent.server import RpcError
+from kata_agent.server import RpcError, StatusCode
 
 
 def _family(value: int, field: str) -> IPFamily:
     try:
         return IPFamily(value)
     except ValueError:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+        raise RpcError(StatusCode.INVALID_ARGUMENT,
                        f"{field}: unknown IP family {value}") from None
 
 
@@ -40,7 +39,7 @@ def address_to_pb(addr: IPAddress) -> Any:
 def interface_from_pb(msg: Any) -> Interface:
     if len(msg.IPAddresses) > network.MAX_ADDRESSES:
         # Refused before converting: the count bound protects the conversion too.
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+        raise RpcError(StatusCode.INVALID_ARGUMENT,
                        f"interface.IPAddresses: more than {network.MAX_ADDRESSES} addresses")
     return Interface(
         device=msg.device, name=msg.name,
@@ -87,13 +86,13 @@ class NetworkService:
 
     def UpdateInterface(self, request: Any, context: Any) -> Any:
         if not request.HasField("interface"):
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "interface is missing")
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "interface is missing")
         return interface_to_pb(self.net.update_interface(interface_from_pb(request.interface)))
 
     def UpdateRoutes(self, request: Any, context: Any) -> Any:
         wanted = request.routes.Routes
         if len(wanted) > network.MAX_ROUTES:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise RpcError(StatusCode.INVALID_ARGUMENT,
                            f"routes: more than {network.MAX_ROUTES} routes")
         return routes_to_pb(self.net.update_routes([route_from_pb(r) for r in wanted]))
 
@@ -107,7 +106,7 @@ class NetworkService:
     def AddARPNeighbors(self, request: Any, context: Any) -> Any:
         wanted = request.neighbors.ARPNeighbors
         if len(wanted) > network.MAX_NEIGHBORS:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise RpcError(StatusCode.INVALID_ARGUMENT,
                            f"neighbors: more than {network.MAX_NEIGHBORS} neighbours")
         self.net.add_arp_neighbors(
             [neighbor_from_pb(n, f"neighbors[{i}]") for i, n in enumerate(wanted)])

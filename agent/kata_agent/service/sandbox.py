@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import grpc
 from google.protobuf import empty_pb2
 
 from kata_agent import network
@@ -18,7 +17,7 @@ from kata_agent.engine.errors import SpecError
 from kata_agent.iostreams import Cancelled, Canceller
 from kata_agent.protocol import agent_pb2
 from kata_agent.sandbox import MAX_KERNEL_MODULES, KernelModule, Sandbox, SandboxRequest
-from kata_agent.server import RpcError
+from kata_agent.server import RpcError, StatusCode
 from kata_agent.service.storage import storages_from_pb
 
 
@@ -31,7 +30,7 @@ def cancellation(context: Any) -> Iterator[Canceller]:
             cancel.set()  # the RPC is over already
         yield cancel
     except Cancelled:
-        raise RpcError(grpc.StatusCode.CANCELLED, "the call was cancelled") from None
+        raise RpcError(StatusCode.CANCELLED, "the call was cancelled") from None
     finally:
         cancel.close()
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 from google.protobuf import empty_pb2
 
 from kata_agent.iostreams import MAX_IO_CHUNK, StreamEOF
 from kata_agent.protocol import agent_pb2
 from kata_agent.sandbox import Sandbox
-from kata_agent.server import RpcError
+from kata_agent.server import RpcError, StatusCode
 from kata_agent.service.sandbox import cancellation
 
 EOF_MESSAGE = "EOF"
@@ -23,7 +22,7 @@ MAX_TTY_SIDE = 65535
 
 
 def _eof() -> RpcError:
-    return RpcError(grpc.StatusCode.OUT_OF_RANGE, EOF_MESSAGE)
+    return RpcError(StatusCode.OUT_OF_RANGE, EOF_MESSAGE)
 
 
 class StreamService:
@@ -32,7 +31,7 @@ class StreamService:
 
     def _read(self, request: Any, context: Any, name: str) -> Any:
         if not 0 < request.len <= MAX_IO_CHUNK:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise RpcError(StatusCode.INVALID_ARGUMENT,
                            f"len: must be 1..{MAX_IO_CHUNK}, not {request.len}")
         proc = self.sandbox.process(request.container_id, request.exec_id)
         stream = proc.io.output(name)
@@ -53,7 +52,7 @@ class StreamService:
 
     def WriteStdin(self, request: Any, context: Any) -> Any:
         if len(request.data) > MAX_IO_CHUNK:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise RpcError(StatusCode.INVALID_ARGUMENT,
                            f"data: more than {MAX_IO_CHUNK} bytes")
         proc = self.sandbox.process(request.container_id, request.exec_id)
         with cancellation(context) as cancel:
@@ -69,10 +68,10 @@ class StreamService:
 
     def TtyWinResize(self, request: Any, context: Any) -> Any:
         if request.row > MAX_TTY_SIDE or request.column > MAX_TTY_SIDE:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "row/column above 65535")
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "row/column above 65535")
         proc = self.sandbox.process(request.container_id, request.exec_id)
         if not proc.io.terminal:
-            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise RpcError(StatusCode.FAILED_PRECONDITION,
                            "the process has no terminal to resize")
         proc.io.resize(request.row, request.column)
         return empty_pb2.Empty()
