@@ -17,7 +17,8 @@ from kata_agent.engine.spec import default_spec
 from kata_agent.engine.state import RUNNING, STOPPED
 from kata_agent.engine.zygote import ZygoteLauncher
 
-from tests.privileged.test_oci_cli import cgroup_dirs, make_rootfs, wait_until
+from tests.agent_process import wait_for
+from tests.privileged.test_oci_cli import cgroup_dirs, make_rootfs
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def test_create_start_with_pipes_through_zygote(engine: Engine, tmp_path: Path) 
         os.close(in_w)
         assert _read_until_eof(out_r) == b"got:ping\n"
         assert _read_until_eof(err_r) == b"err\n"
-        wait_until(lambda: engine.state("zy1").status == STOPPED, what="exit")
+        wait_for(lambda: engine.state("zy1").status == STOPPED, what="exit")
         engine.delete("zy1")
     finally:
         os.close(out_r)
@@ -108,7 +109,7 @@ def test_exec_through_zygote_joins_the_container(engine: Engine, tmp_path: Path)
     finally:
         os.close(null)
     engine.kill("zy2", 9)
-    wait_until(lambda: engine.state("zy2").status == STOPPED, what="kill")
+    wait_for(lambda: engine.state("zy2").status == STOPPED, what="kill")
     engine.delete("zy2")
 
 
