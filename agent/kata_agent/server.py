@@ -9,6 +9,7 @@ transport error. Exceptions become gRPC statuses here and nowhere else. The tran
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -63,6 +64,10 @@ def status_for(err: BaseException) -> tuple[StatusCode, str]:
     if isinstance(err, Abort):
         return err.code, err.details
     if isinstance(err, EngineError):
+        if err.errno == errno.ETIMEDOUT:
+            # A wait that ran out (a hotplugged device that never showed up): the host may
+            # retry, which INTERNAL would not suggest.
+            return StatusCode.DEADLINE_EXCEEDED, str(err)
         for kind, code in _ENGINE_STATUS:
             if isinstance(err, kind):
                 return code, str(err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,15 @@ def test_spec_error_names_the_field() -> None:
     code, msg = server.status_for(SpecError("must be positive", field="linux.resources.pids.limit"))
     assert code is server.StatusCode.INVALID_ARGUMENT
     assert msg == "linux.resources.pids.limit: must be positive"
+
+
+def test_an_engine_timeout_is_deadline_exceeded() -> None:
+    code, msg = server.status_for(HostError("timeout after 3s waiting for device 0000:00:05.0",
+                                            errno=errno.ETIMEDOUT))
+    assert code is server.StatusCode.DEADLINE_EXCEEDED
+    assert "waiting for device" in msg
+    other, _ = server.status_for(HostError("mount failed", errno=errno.EIO))
+    assert other is server.StatusCode.INTERNAL
 
 
 def test_implemented_methods_lists_services() -> None:
