@@ -7,17 +7,20 @@ The edge only converts: protobuf -> typed values (``oci_convert``, storage conve
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import empty_pb2
 
 from kata_agent import oci_convert
-from kata_agent.engine.cgroups.stats import BlkioStatEntry, CgroupStats
 from kata_agent.engine.errors import SpecError
 from kata_agent.protocol import agent_pb2
 from kata_agent.sandbox import ContainerRequest, NetworkStats, RemoveTimeout, Sandbox
 from kata_agent.server import RpcError, StatusCode
 from kata_agent.service.storage import devices_from_pb, storages_from_pb
+
+if TYPE_CHECKING:
+    # Types only: the stats module loads with the first StatsContainer, not at start-up.
+    from kata_agent.engine.cgroups.stats import BlkioStatEntry, CgroupStats
 
 
 def container_request_from_pb(msg: Any) -> ContainerRequest:
