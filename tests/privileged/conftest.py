@@ -11,17 +11,21 @@ from tests.privileged.test_agent_lifecycle import GuestAgent, require_tools
 from tests.privileged.test_oci_cli import Runtime, cgroup_dirs
 
 
-@pytest.fixture
-def guest(tmp_path: Path) -> Iterator[GuestAgent]:
-    """An agent in its own namespaces with a connected client; it must stop cleanly."""
-    require_tools()
-    g = GuestAgent(tmp_path)
+def run_guest(g: GuestAgent) -> Iterator[GuestAgent]:
+    """Start ``g``, hand it to the test, and check it stops cleanly afterwards."""
     try:
         g.start()
         yield g
     finally:
         code = g.stop()
     assert code == 0, g.log_text()
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> Iterator[GuestAgent]:
+    """An agent in its own namespaces with a connected client; it must stop cleanly."""
+    require_tools()
+    yield from run_guest(GuestAgent(tmp_path))
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from kata_agent.host.client import AgentClient
 from kata_agent.protocol import agent_pb2
 
 from tests.agent_process import wait_for
+from tests.privileged.conftest import run_guest
 from tests.privileged.test_agent_lifecycle import (
     GuestAgent,
     cgroup_dirs,
@@ -40,14 +41,8 @@ ECHO_LOOP = ["sh", "-c", 'echo ready; while read line; do echo "echo:$line"; don
 @pytest.fixture
 def supervised(tmp_path: Path) -> Iterator[GuestAgent]:
     require_tools()
-    g = GuestAgent(tmp_path, wrapper=(sys.executable, str(SUPERVISOR),
-                                      str(tmp_path / "notify.sock")))
-    try:
-        g.start()
-        yield g
-    finally:
-        code = g.stop()
-    assert code == 0, g.log_text()
+    yield from run_guest(GuestAgent(tmp_path, wrapper=(sys.executable, str(SUPERVISOR),
+                                                       str(tmp_path / "notify.sock"))))
 
 
 def agent_pids(g: GuestAgent) -> list[int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,35 +16,7 @@ import pytest
 from kata_agent.bridge import CloseReason, YamuxBridge
 from kata_agent.h2server import CallContext, Route, Server, StatusCode
 
-DEADLINE = 20.0
-
-
-class Waits:
-    def __init__(self) -> None:
-        self.entered = threading.Semaphore(0)
-        self.release = threading.Event()
-        self.cancelled: list[bytes] = []
-        self.seen = threading.Condition()
-
-    def wait(self, request: bytes, context: CallContext) -> bytes:
-        done = threading.Event()
-
-        def on_cancel() -> None:
-            with self.seen:
-                self.cancelled.append(request)
-                self.seen.notify_all()
-            done.set()
-
-        context.add_callback(on_cancel)
-        self.entered.release()
-        end = time.monotonic() + DEADLINE
-        while not (done.is_set() or self.release.is_set()) and time.monotonic() < end:
-            done.wait(0.01)
-        return request
-
-    def cancelled_soon(self, request: bytes) -> bool:
-        with self.seen:
-            return self.seen.wait_for(lambda: request in self.cancelled, DEADLINE)
+from tests.unit.test_h2server_grpc import DEADLINE, Waits
 
 
 @dataclass
