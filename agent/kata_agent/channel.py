@@ -22,7 +22,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import termios
 import threading
 import time
@@ -172,25 +171,14 @@ def serve_streams(bridge: YamuxBridge, backend: str, endpoints: EndpointFactory 
 
 
 def bind_unix(path: str, mode: int = 0o600, backlog: int = 64) -> socket.socket:
-    """Listen on a unix socket at `path`, replacing a stale socket (only a socket)."""
+    """Listen on a unix socket at `path`, replacing a stale socket (only a socket); a
+    ChannelError when something else is there."""
+    from kata_agent.h2server import bind_unix as bind
+
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        # Only ever replace a stale socket, never a file someone put there.
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ChannelError(f"{path} exists and is not a socket")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-        os.chmod(path, mode)
-        sock.listen(backlog)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+        return bind(path, mode, backlog)
+    except FileExistsError as e:
+        raise ChannelError(str(e)) from e
 
 
 class UnixSerialListener:
