@@ -487,3 +487,22 @@ def test_pid_namespace_follows_sandbox_pidns(guest: GuestAgent, pidns: bool) -> 
     assert guest.call("WaitProcess", agent_pb2.WaitProcessRequest(
         container_id="p", exec_id="p")).status == 0
     guest.call("DestroySandbox", agent_pb2.DestroySandboxRequest())
+
+
+def test_sandbox_outlives_the_rpc_thread_that_created_it(guest: GuestAgent) -> None:
+    """RPC worker threads end when idle; the pause process a CreateSandbox started from
+    one must not end with it (PR_SET_PDEATHSIG would fire on that thread's exit)."""
+    from kata_agent import h2server
+
+    tasks = Path(f"/proc/{guest.proc.pid}/task")
+    create_sandbox(guest)
+    after_create = len(list(tasks.iterdir()))
+    wait_for(lambda: len(list(tasks.iterdir())) < after_create,
+             h2server.WORKER_IDLE_SECONDS * 6, "the idle RPC worker to exit")
+    create_container(guest, "late", ["echo", "still-here"])
+    guest.call("StartContainer", agent_pb2.StartContainerRequest(container_id="late"))
+    assert read_all(guest, "late", "late") == b"still-here\n"
+    assert guest.call("WaitProcess", agent_pb2.WaitProcessRequest(
+        container_id="late", exec_id="late")).status == 0
+    guest.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id="late"))
+    guest.call("DestroySandbox", agent_pb2.DestroySandboxRequest())
