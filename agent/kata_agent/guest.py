@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -490,6 +489,8 @@ def _offline_switch(entry: Path) -> tuple[Path, bytes] | None:
 def temp_name(name: str) -> str:
     """The temporary file a copy of ``name`` is assembled in (same directory, fixed length
     so a 255-byte target name still leaves room)."""
+    import hashlib  # loaded with the first CopyFile, not at start-up
+
     return ".copy-" + hashlib.sha256(name.encode()).hexdigest()[:24] + ".tmp"
 
 

@@ -47,7 +47,6 @@ from kata_agent.engine.errors import (
     SpecError,
     StateError,
 )
-from kata_agent.engine.resources import LinuxResources
 from kata_agent.engine.spec import Process, Spec, validate_id
 from kata_agent.engine.state import STOPPED
 from kata_agent.iostreams import Cancelled, Canceller, ProcessIO
@@ -993,6 +992,8 @@ class Sandbox:
 
     def update_container(self, cid: str, resources: Mapping[str, Any]) -> None:
         self._container(cid)
+        from kata_agent.engine.resources import LinuxResources  # loaded when first used
+
         self.engine.update(cid, LinuxResources.from_oci(resources))
 
     def pause_container(self, cid: str) -> None:
@@ -1222,6 +1223,8 @@ class Sandbox:
 
     def set_container_cpus(self, cpus: str) -> None:
         """After CPU hotplug: let every container use the CPUs now online."""
+        from kata_agent.engine.resources import LinuxResources
+
         for cid in self.container_ids():
             with contextlib.suppress(EngineError):
                 self.engine.update(cid, LinuxResources.from_oci({"cpu": {"cpus": cpus}}))
