@@ -34,6 +34,20 @@ DEFAULT_TARGET = "kata-containers.target"
 
 # Pinned requirements taken from Debian instead of PyPI, with the reason.
 FROM_DEBIAN = {"python-prctl": "python3-prctl (Debian 1.8.1, no wheels on PyPI)"}
+# Pinned requirements the guest does without, with the reason (a test checks that the
+# agent never imports them).
+HOST_ONLY = {"grpcio": "the host-side client and tools; the agent serves with h2server"}
+
+
+def wheel_project(wheel: Path) -> str:
+    """The normalized project name of a wheel file (``grpcio-1.2-cp311-...whl`` -> grpcio)."""
+    return wheel.name.split("-", 1)[0].lower().replace("_", "-")
+
+
+def guest_pins() -> list[str]:
+    """``name==version`` of every pin the guest gets from PyPI."""
+    return [f"{name}=={version}" for name, version in sorted(pinned_requirements().items())
+            if name not in FROM_DEBIAN and name not in HOST_ONLY]
 
 # Units a Kata guest does not need; masked so nothing pulls them in.
 MASKED_UNITS = (
@@ -164,9 +178,7 @@ def ensure_binfmt(arch: Arch) -> None:
 
 def fetch_wheels(arch: Arch, wheels: Path) -> None:
     """Target-platform wheels for every pin not taken from Debian (with their dependencies)."""
-    pins = pinned_requirements()
-    wanted = [f"{name}=={version}" for name, version in sorted(pins.items())
-              if name not in FROM_DEBIAN]
+    wanted = guest_pins()
     wheels.mkdir(parents=True, exist_ok=True)
     run([Path(sys.executable).parent / "pip", "download", "--quiet", "--only-binary=:all:",
          "--platform", arch.wheel_platform, "--python-version", GUEST_PYTHON,
@@ -228,7 +240,9 @@ def stage_tree(arch: Arch, paths: RootfsPaths, agent_wheel: Path) -> None:
         shutil.rmtree(stage)
     site = stage / SITE_PACKAGES
     site.mkdir(parents=True)
-    wheels = [*sorted(paths.wheels.glob("*.whl")), agent_wheel]
+    # A wheel directory kept from an earlier build may still hold a host-only one.
+    wheels = [*sorted(w for w in paths.wheels.glob("*.whl") if wheel_project(w) not in HOST_ONLY),
+              agent_wheel]
     run([Path(sys.executable).parent / "pip", "install", "--quiet", "--no-deps", "--no-index",
          "--no-compile", "--target", site, "--platform", arch.wheel_platform,
          "--python-version", GUEST_PYTHON, "--implementation", "cp",

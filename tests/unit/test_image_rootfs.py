@@ -58,6 +58,17 @@ def test_pins_and_debian_substitutes() -> None:
     assert "python-prctl" in rootfs.FROM_DEBIAN
 
 
+def test_the_guest_gets_no_host_only_wheels() -> None:
+    names = {pin.split("==")[0] for pin in rootfs.guest_pins()}
+    # grpcio serves only the host tools: the agent never imports it (test_h2server).
+    assert "grpcio" in rootfs.HOST_ONLY and "grpcio" not in names
+    assert "python-prctl" not in names  # from Debian
+    assert {"protobuf", "pyroute2", "h2", "hpack", "hyperframe"} <= names
+    assert rootfs.wheel_project(Path("grpcio-1.85.1-cp311-cp311-manylinux.whl")) == "grpcio"
+    assert rootfs.wheel_project(Path("typing_extensions-4.1-py3-none-any.whl")) == \
+        "typing-extensions"
+
+
 def test_launcher_is_a_python_script_for_the_console_entry_point() -> None:
     text = rootfs.launcher_text()
     assert text.startswith("#!/usr/bin/python3 -Iu\n")
