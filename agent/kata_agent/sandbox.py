@@ -1159,7 +1159,7 @@ class Sandbox:
                 with self._lock:
                     self._restore(doc, sb, fds)
                     self._persist()
-        except (KeyError, TypeError, ValueError, EngineError, OSError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError, EngineError, OSError) as e:
             log.error("event=restore_failed error=%s", e)
         for name, left in fds.items():
             for fd in left:
@@ -1167,6 +1167,23 @@ class Sandbox:
             self.keeper.notifier.remove(name)
             log.warning("event=stored_fd_unclaimed name=%s", name)
         fds.clear()
+        if doc is not None:
+            self._delete_orphans()
+
+    def _delete_orphans(self) -> None:
+        """Containers the engine has state for but the journal does not name: a create that
+        was under way when the previous agent died. Nothing can reach them any more, so
+        they are deleted (process, cgroup, state) instead of leaking."""
+        with self._lock:
+            known = set(self._containers)
+        for cid in list(self.engine.store.ids()):
+            if cid in known:
+                continue
+            log.warning("event=restore_orphan_deleted container=%s", cid)
+            try:
+                self.engine.delete(cid, force=True)
+            except EngineError as e:
+                log.error("event=restore_orphan_delete_failed container=%s error=%s", cid, e)
 
     def _restore(self, doc: dict[str, Any], sb: dict[str, Any],
                  fds: dict[str, list[int]]) -> None:

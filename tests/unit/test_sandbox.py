@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from kata_agent import sandbox as sb
-from kata_agent.engine.errors import AlreadyExistsError, SpecError, StateError
+from kata_agent.engine.errors import AlreadyExistsError, NotFoundError, SpecError, StateError
 from kata_agent.iostreams import Cancelled, Canceller
 from kata_agent.storage.spec import MountHandle, StorageSpec
 
@@ -104,6 +104,12 @@ class FakeStorage:
 
     def remove(self, h: MountHandle) -> None:
         self.mounted.remove(h.mount_point)
+
+    def adopt(self, saved: list[dict[str, object]]) -> None:
+        self.mounted += [str(item["mount_point"]) for item in saved]
+
+    def snapshot(self) -> list[dict[str, object]]:
+        return [{"mount_point": m} for m in self.mounted]
 
 
 class FakePause:
@@ -235,3 +241,68 @@ def test_release_while_running_keeps_the_reaper_working() -> None:
         w2.release()
     finally:
         reaper.close()
+
+
+class RestoreEngine:
+    """What restore asks of the engine: the ids it has state for, state, delete."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self._ids = ids
+        self.deleted: list[str] = []
+        self.store = self
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def state(self, cid: str) -> Any:
+        raise NotFoundError(f"no state for {cid}")
+
+    def delete(self, cid: str, force: bool = False) -> None:
+        assert force
+        self.deleted.append(cid)
+        self._ids.remove(cid)
+
+
+def restore_with(tmp_path: Path, doc: dict[str, Any] | None, ids: list[str]
+                 ) -> tuple[sb.Sandbox, RestoreEngine]:
+    from kata_agent.persist import Keeper
+    from kata_agent.sdnotify import Notifier
+
+    keeper = Keeper(str(tmp_path / "sandbox.json"), Notifier(None))
+    if doc is not None:
+        keeper.save(doc)
+    engine = RestoreEngine(ids)
+    s = sb.Sandbox(engine, FakeStorage(), keeper=keeper)  # type: ignore[arg-type]
+    s.restore({})
+    return s, engine
+
+
+GONE_PID = 2**22 + 12345  # above pid_max: never a live process
+
+
+def test_restore_deletes_containers_the_journal_does_not_name(tmp_path: Path) -> None:
+    doc = {"sandbox": {"id": "sb", "hostname": "h", "pidns": False, "pause_pid": GONE_PID,
+                       "pause_start": 1, "guest_hooks": {}, "storages": []},
+           "storage": [],
+           "containers": [{"id": "c1", "init": "c1", "storages": [], "processes": [
+               {"exec_id": "c1", "pid": GONE_PID, "start": 1, "init": True, "key": "",
+                "tty": False, "stdin_closed": False}]}]}
+    s, engine = restore_with(tmp_path, doc, ["c1", "half-created"])
+    try:
+        assert s.container_ids() == ["c1"] and s.sandbox_id == "sb"
+        # The half-created one (no journal entry) went; the journaled one stayed.
+        assert engine.deleted == ["half-created"]
+        # Its init ended while no agent ran: the status is lost, reported as 255.
+        assert s.process("c1", "c1").watch.wait(timeout=5) == 255
+    finally:
+        s.reaper.close()
+        s.oom.close()
+
+
+def test_restore_without_a_journal_leaves_the_engine_alone(tmp_path: Path) -> None:
+    s, engine = restore_with(tmp_path, None, ["unknown"])
+    try:
+        assert engine.deleted == [] and s.container_ids() == [] and not s.created
+    finally:
+        s.reaper.close()
+        s.oom.close()
