@@ -152,7 +152,7 @@ def serve(cfg: AgentConfig, runtime_dir: str, stop: threading.Event, *,
     listener = channel.make_listener(cfg.channel, backend, endpoints=grpc_server.connection)
     if listener is not None:
         listener.start()
-    consoles = debug_console.start(cfg)
+    consoles = debug_console.start(cfg, runtime_dir)
     log.info("agent ready version=%s channel=%s pid=%d", __version__, cfg.channel, os.getpid())
     notifier.ready()
     stop.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -40,14 +41,56 @@ class _Console:
 
 
 class ConsoleShell(_Console):
-    """Keeps a shell running on the console device, restarting it when it exits."""
+    """Keeps a shell running on the console device, restarting it when it exits.
 
-    def __init__(self, shell: str, device: str = CONSOLE) -> None:
+    With ``pid_file`` (in the agent's runtime dir) the shell's pid is recorded there: an
+    agent restarted by systemd finds the shell its predecessor left on the console still
+    running, keeps it, and starts its own only when that one exits. Two shells would
+    fight over the console's input.
+    """
+
+    def __init__(self, shell: str, device: str = CONSOLE, pid_file: str | None = None) -> None:
         super().__init__("debug-console", self._run)
         self.shell = shell
         self.device = device
+        self.pid_file = pid_file
+
+    def _wait_for_previous(self) -> None:
+        from kata_agent.engine.state import pid_alive
+
+        if self.pid_file is None:
+            return
+        try:
+            with open(self.pid_file) as f:
+                pid, start = (int(word) for word in f.read().split())
+            pidfd = os.pidfd_open(pid)
+        except (OSError, ValueError):
+            return
+        try:
+            if not pid_alive(pid, start):  # checked after the open: the pidfd is that shell
+                return
+            log.info("debug console shell of the previous agent kept pid=%d", pid)
+            while not self.stopping.is_set():
+                if select.select([pidfd], [], [], 0.5)[0]:
+                    return  # it exited
+        finally:
+            os.close(pidfd)
+
+    def _record(self, pid: int) -> None:
+        from kata_agent.engine.state import pid_start_time
+
+        if self.pid_file is None:
+            return
+        try:
+            tmp = f"{self.pid_file}.tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{pid} {pid_start_time(pid) or 0}\n")
+            os.rename(tmp, self.pid_file)
+        except OSError as err:
+            log.warning("debug console pid not recorded path=%s error=%s", self.pid_file, err)
 
     def _run(self) -> None:
+        self._wait_for_previous()
         while not self.stopping.is_set():
             try:
                 fd = os.open(self.device, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
@@ -66,6 +109,7 @@ class ConsoleShell(_Console):
             finally:
                 os.close(fd)
             log.info("debug console shell started pid=%d", proc.pid)
+            self._record(proc.pid)
             proc.wait()
             self.stopping.wait(0.5)
 
@@ -108,7 +152,7 @@ class VsockShell(_Console):
                 threading.Thread(target=proc.wait, daemon=True).start()
 
 
-def start(cfg: AgentConfig) -> list[_Console]:
+def start(cfg: AgentConfig, runtime_dir: str | None = None) -> list[_Console]:
     if not cfg.debug_console:
         return []
     shell = find_shell()
@@ -118,7 +162,8 @@ def start(cfg: AgentConfig) -> list[_Console]:
     console: _Console = (
         VsockShell(shell, cfg.debug_console_vport)
         if cfg.debug_console_vport
-        else ConsoleShell(shell)
+        else ConsoleShell(shell, pid_file=os.path.join(runtime_dir, "debug-console.pid")
+                          if runtime_dir else None)
     )
     console.thread.start()
     return [console]
