@@ -56,19 +56,19 @@ class ConsoleShell(_Console):
         self.pid_file = pid_file
 
     def _wait_for_previous(self) -> None:
-        from kata_agent.engine.state import pid_alive
+        from kata_agent.engine.kill import open_pidfd
 
         if self.pid_file is None:
             return
         try:
             with open(self.pid_file) as f:
                 pid, start = (int(word) for word in f.read().split())
-            pidfd = os.pidfd_open(pid)
+            pidfd = open_pidfd(pid, start)
         except (OSError, ValueError):
             return
+        if pidfd is None:
+            return
         try:
-            if not pid_alive(pid, start):  # checked after the open: the pidfd is that shell
-                return
             log.info("debug console shell of the previous agent kept pid=%d", pid)
             while not self.stopping.is_set():
                 if select.select([pidfd], [], [], 0.5)[0]:

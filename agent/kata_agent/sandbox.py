@@ -238,14 +238,10 @@ class Reaper:
     def adopt(self, pid: int, start_time: int) -> ExitWatch:
         """Watch a process a previous agent started (after a restart): it is not our
         child, so its exit status goes to whoever reaps it and is reported as 255."""
-        try:
-            pidfd = os.pidfd_open(pid) if sc_state.pid_alive(pid, start_time) else -1
-        except ProcessLookupError:
-            pidfd = -1
-        if pidfd >= 0 and not sc_state.pid_alive(pid, start_time):
-            os.close(pidfd)  # the pid was reused between the check and the open
-            pidfd = -1
-        if pidfd < 0:
+        from kata_agent.engine.kill import open_pidfd
+
+        pidfd = open_pidfd(pid, start_time)
+        if pidfd is None:
             w = ExitWatch(pid, -1)
             log.warning("event=exit_status_lost pid=%d reason=exited_during_restart", pid)
             w._set(255)
@@ -316,16 +312,10 @@ class PauseProcess:
     @classmethod
     def adopt(cls, pid: int, start_time: int) -> PauseProcess | None:
         """The holder a previous agent started, if it still runs."""
-        if not sc_state.pid_alive(pid, start_time):
-            return None
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return None
-        if not sc_state.pid_alive(pid, start_time):
-            os.close(pidfd)
-            return None
-        return cls(None, pid, pidfd)
+        from kata_agent.engine.kill import open_pidfd
+
+        pidfd = open_pidfd(pid, start_time)
+        return None if pidfd is None else cls(None, pid, pidfd)
 
     @classmethod
     def start(cls, *, new_pid: bool, hostname: str, outlive_agent: bool = False

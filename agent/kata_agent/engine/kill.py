@@ -23,6 +23,8 @@ _OPEN: Any = object()  # kill_and_wait: open the cgroup itself
 
 def open_pidfd(pid: int, start_time: int) -> int | None:
     """A pidfd for the process, or None when it is gone or the pid was recycled."""
+    if pid <= 0:
+        return None
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
